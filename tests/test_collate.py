@@ -1,0 +1,37 @@
+"""The collator: dynamic padding, masks from real lengths, -100 labels."""
+
+import torch
+
+from collate import collate
+from templates import IGNORE_INDEX
+
+
+def test_pads_to_longest_with_ignored_labels():
+    b = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["labels"].tolist() == [[-100, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert all(t.dtype == torch.long for t in b.values())
+
+
+def test_pad_id_that_is_also_a_real_token_stays_attended():
+    # Qwen pads with <|endoftext|>, which can also occur in text; the mask must come from lengths
+    pad = 151643
+    b = collate([{"input_ids": [1, pad, 2, pad], "labels": [-100, pad, 2, pad]}, {"input_ids": [3], "labels": [3]}],
+                pad_id=pad)
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
+    assert b["labels"][0].tolist() == [-100, pad, 2, pad]  # real pad-id tokens keep their labels
+    assert b["labels"][1].tolist() == [3, -100, -100, -100]
+
+
+def test_pad_to_multiple_of():
+    b = collate([{"input_ids": list(range(9)), "labels": list(range(9))}], pad_id=0, pad_to_multiple_of=8)
+    assert b["input_ids"].shape == (1, 16)
+    assert b["attention_mask"].sum().item() == 9
+    assert (b["labels"][0, 9:] == IGNORE_INDEX).all()
+
+
+def test_empty_share_gives_a_dummy_row_without_targets():
+    b = collate([], pad_id=7)
+    assert b["input_ids"].tolist() == [[7]] and b["labels"].tolist() == [[IGNORE_INDEX]]
+    assert b["attention_mask"].tolist() == [[1]]

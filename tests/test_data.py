@@ -1,0 +1,105 @@
+"""Reading files, caching the tokenized data, and which samples form each optimizer step."""
+
+import json
+
+import numpy as np
+import pytest
+
+import sft_data
+import templates
+
+BELLE = {"conversations": [{"from": "human", "value": "hi"}, {"from": "assistant", "value": "hello there"}]}
+OPENAI = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+ALPACA = {"instruction": "Repeat", "input": "abc", "output": "abc"}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def prepare(files, tok, cache, **kw):
+    kw = {"template": "qwen2.5", "max_len": 2048, "system_prompt": None, **kw}
+    return sft_data.prepare_dataset(files, tok, cache_dir=cache, **kw)
+
+
+def test_reads_json_jsonl_and_parquet_with_all_shapes(tmp_path, qwen_tok):
+    import datasets
+
+    a = write_jsonl(tmp_path / "a.jsonl", [BELLE, OPENAI])
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps([ALPACA]))
+    c = tmp_path / "c.parquet"
+    datasets.Dataset.from_list([BELLE]).to_parquet(str(c))
+    ds = prepare([a, str(b), str(c)], qwen_tok, tmp_path / "cache")
+    assert len(ds) == 4
+    expected = [templates.encode(templates.to_messages(r), qwen_tok) for r in (BELLE, OPENAI, ALPACA, BELLE)]
+    assert [row["input_ids"] for row in ds] == [e["input_ids"] for e in expected]
+    assert [row["labels"] for row in ds] == [e["labels"] for e in expected]
+    assert ds["sample_id"] == [0, 1, 2, 3]
+
+
+def test_second_run_reads_the_cache_instead_of_tokenizing(tmp_path, qwen_tok, monkeypatch):
+    f = write_jsonl(tmp_path / "d.jsonl", [BELLE, OPENAI] * 5)
+    first = prepare([f], qwen_tok, tmp_path / "cache")
+    calls = []
+    real = templates.encode_many
+    monkeypatch.setattr(templates, "encode_many", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = prepare([f], qwen_tok, tmp_path / "cache")
+    assert calls == [] and again["input_ids"] == first["input_ids"]
+    prepare([f], qwen_tok, tmp_path / "cache", max_len=1000)  # other settings: tokenized anew
+    assert calls
+
+
+def test_samples_without_trainable_tokens_after_truncation_are_dropped_and_reported(tmp_path, qwen_tok, caplog):
+    long_prompt = {"conversations": [{"from": "human", "value": "word " * 200}, {"from": "assistant", "value": "ok"}]}
+    f = write_jsonl(tmp_path / "t.jsonl", [BELLE, long_prompt, OPENAI])
+    with caplog.at_level("WARNING", logger="sft"):
+        ds = prepare([f], qwen_tok, tmp_path / "cache", max_len=64)
+    assert len(ds) == 2 and ds["sample_id"] == [0, 2]
+    assert all(len(ids) <= 64 for ids in ds["input_ids"])
+    assert "Dropped 1 of 3 train sample(s) with no trainable token left after truncation to max_len=64" in caplog.text
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"conversations": [{"from": "human", "value": "q"}, {"from": "assistant", "value": "a"}]}\n{"conv\n', r"t\.jsonl:2: invalid JSON"),
+    (json.dumps(BELLE) + "\n" + json.dumps({"conversations": [{"from": "robot", "value": "x"}]}) + "\n", r"t\.jsonl:2: conversations\[0\]: unknown role 'robot'"),
+])
+def test_bad_lines_are_reported_with_file_and_line(tmp_path, qwen_tok, content, match):
+    (tmp_path / "t.jsonl").write_text(content)
+    with pytest.raises(sft_data.DataProblems, match=match):
+        prepare([str(tmp_path / "t.jsonl")], qwen_tok, tmp_path / "cache")
+
+
+def test_missing_file_and_bad_extension(tmp_path, qwen_tok):
+    with pytest.raises(sft_data.DataProblems, match="nope.jsonl: no such file"):
+        prepare([str(tmp_path / "nope.jsonl")], qwen_tok, tmp_path / "cache")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(sft_data.DataProblems, match="unsupported extension '.csv'"):
+        prepare([str(tmp_path / "x.csv")], qwen_tok, tmp_path / "cache")
+
+
+def step_sets(n, seed, per_device, accum, world, steps):
+    """The set of sample indices in each optimizer step, gathered over all ranks and micro-batches."""
+    out = []
+    gb = per_device * accum * world
+    for step in range(steps):
+        order = sft_data.epoch_order(n, seed, step // sft_data.steps_per_epoch(n, gb))
+        s = step % sft_data.steps_per_epoch(n, gb)
+        mbs = [sft_data.step_micro_batches(order, s, gb, r, world, accum) for r in range(world)]
+        for rank_mbs in mbs:
+            assert len(rank_mbs) == accum and all(len(mb) <= per_device for mb in rank_mbs)
+        out.append(sorted(i for rank_mbs in mbs for mb in rank_mbs for i in mb))
+    return out
+
+
+def test_step_composition_depends_only_on_seed_and_global_batch():
+    splits = [(8, 1, 1), (2, 4, 1), (4, 1, 2), (2, 2, 2), (1, 2, 4)]
+    ref = step_sets(37, 3, *splits[0], steps=12)  # 37 samples: the last step of each epoch is short
+    for split in splits[1:]:
+        assert step_sets(37, 3, *split, steps=12) == ref
+    # each epoch covers every sample exactly once, in a new order
+    assert sorted(i for s in ref[:5] for i in s) == list(range(37))
+    assert ref[:5] != ref[5:10]
+    assert step_sets(37, 4, 8, 1, 1, steps=5) != ref[:5]
+    assert np.array_equal(sft_data.epoch_order(37, 3, 1), sft_data.epoch_order(37, 3, 1))

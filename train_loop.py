@@ -1,0 +1,512 @@
+"""Supervised fine-tuning of a causal LM, as one explicit loop on accelerate (+ DeepSpeed).
+
+    python train_loop.py                      # one process; set breakpoints anywhere
+    accelerate launch train_loop.py ...       # DDP or DeepSpeed, as the accelerate config says
+    python train_loop.py my_run.yaml [--flag value ...]   # flags from a YAML/JSON file, CLI overrides
+
+With no arguments it fine-tunes a tiny Qwen2-architecture model on data/sample_belle.jsonl.
+Read it top to bottom: arguments, setup, data, model, optimizer, then the loop.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import DistributedType, set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+
+import sft_data
+import templates
+from collate import collate
+from templates import IGNORE_INDEX
+
+REPO = Path(__file__).resolve().parent
+log = logging.getLogger("sft")
+
+
+# =============================================================================================
+# Arguments (names as in transformers.TrainingArguments where one exists)
+# =============================================================================================
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "HF model directory or hub id; default: a tiny Qwen2 model built from a config (random init)"})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={
+        "help": "default: the model's; for the tiny model, assets/tiny-qwen-tokenizer"})
+    template: str = field(default="qwen2.5", metadata={
+        "help": "chat template: qwen2.5 | llama3 | tokenizer (the one the tokenizer carries)"})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "system prompt for conversations without one (default: the template's own, if any)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with the model"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager | sdpa | flash_attention_2"})
+
+
+@dataclass
+class DataArguments:
+    train_files: list[str] = field(default_factory=lambda: [str(REPO / "data" / "sample_belle.jsonl")], metadata={
+        "help": "one or more .json/.jsonl/.parquet files"})
+    validation_files: list[str] | None = field(default=None, metadata={"help": "evaluated at each save and at the end"})
+    max_len: int = field(default=2048, metadata={"help": "truncate samples to this many tokens (keeps the start)"})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for tokenization"})
+    preprocessing_cache_dir: str | None = field(default=None, metadata={
+        "help": "where tokenized data is cached (default: $SFT_CACHE or ~/.cache/sft-loop)"})
+    skip_invalid_samples: bool = field(default=False, metadata={"help": "skip bad records instead of stopping"})
+    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "pad batch width to a multiple (8 on GPUs)"})
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = "output"
+    overwrite_output_dir: bool = False
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float | None = field(default=None, metadata={
+        "help": "default: 1e-3 for the built-in tiny model, 2e-5 for a pretrained one"})
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient norm; 0 turns it off"})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "linear | cosine | constant"})
+    warmup_ratio: float = 0.0
+    warmup_steps: int = field(default=0, metadata={"help": "overrides warmup_ratio when > 0"})
+    num_train_epochs: float = 3.0
+    max_steps: int = field(default=-1, metadata={"help": "overrides num_train_epochs when > 0"})
+    seed: int = 42
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 mixed precision; default: as the accelerate config says, else on where the GPU has it"})
+    gradient_checkpointing: bool = False
+    logging_steps: int = 1
+    save_steps: int = field(default=0, metadata={"help": "save a checkpoint every N optimizer steps (0: only at the end)"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "a checkpoint directory, or 'true' for the latest in output_dir"})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "0 keeps data loading in this process (debuggable)"})
+
+
+def config_file_args(path: str) -> list[str]:
+    """A YAML/JSON config file as command-line arguments, so flags given after it override it."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"error: config file {path} not found")
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        cfg = yaml.safe_load(p.read_text())
+    else:
+        cfg = json.loads(p.read_text())
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"error: {path} must hold a mapping of flag names to values")
+    args = []
+    for k, v in cfg.items():
+        if v is None:
+            continue
+        args.append(f"--{k}")
+        args.extend(str(x) for x in v) if isinstance(v, list) else args.append(str(v))
+    return args
+
+
+def parse_args(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        argv = config_file_args(argv[0]) + argv[1:]
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
+    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+    if args.lr_scheduler_type not in ("linear", "cosine", "constant"):
+        parser.error(f"--lr_scheduler_type must be linear, cosine or constant, not {args.lr_scheduler_type!r}")
+    if model_args.template not in templates.TEMPLATES:
+        parser.error(f"--template must be one of {templates.TEMPLATES}, not {model_args.template!r}")
+    for name, value in [("per_device_train_batch_size", args.per_device_train_batch_size),
+                        ("per_device_eval_batch_size", args.per_device_eval_batch_size),
+                        ("gradient_accumulation_steps", args.gradient_accumulation_steps), ("max_len", data_args.max_len)]:
+        if value < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.learning_rate is None:
+        args.learning_rate = 1e-3 if model_args.model_name_or_path is None else 2e-5
+    return model_args, data_args, args
+
+
+# =============================================================================================
+# The pieces a researcher changes: model, loss, schedule
+# =============================================================================================
+
+def tiny_qwen2(vocab_size: int, tokenizer) -> transformers.PreTrainedModel:
+    """A few-million-parameter Qwen2 (same architecture as Qwen2.5), randomly initialised."""
+    config = transformers.Qwen2Config(
+        vocab_size=-(-vocab_size // 64) * 64, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropies over target tokens; the caller normalises."""
+    logits = logits[:, :-1].float()  # fp32 log-softmax: bf16 loses too much over a 150k vocab
+    targets = labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def num_targets(labels: torch.Tensor) -> torch.Tensor:
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def learning_rate_at(step: int, total_steps: int, args: TrainArguments) -> float:
+    """LR for optimizer step `step` (0-based): linear warmup, then linear/cosine decay to 0 or constant."""
+    warmup = args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * total_steps)
+    if step < warmup:
+        return args.learning_rate * (step + 1) / warmup
+    if args.lr_scheduler_type == "constant":
+        return args.learning_rate
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if args.lr_scheduler_type == "linear":
+        return args.learning_rate * max(0.0, 1.0 - progress)
+    return args.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# =============================================================================================
+# Setup helpers
+# =============================================================================================
+
+def make_accelerator(args: TrainArguments) -> Accelerator:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = "LOCAL_RANK" in os.environ or world_size > 1
+    kwargs_handlers, cpu = [], False
+    if launched and not torch.cuda.is_available():
+        # Without CUDA the default backend is not gloo, and accelerate then sees one process per rank.
+        kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        # A multi-GPU config on a CPU-only machine starts the processes but leaves them unconnected
+        # (distributed type NO) unless accelerate is told it is on CPU.
+        cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
+    if args.bf16 is None:
+        mixed = None  # the accelerate config (ACCELERATE_MIXED_PRECISION) decides, else bf16 where supported
+        if "ACCELERATE_MIXED_PRECISION" not in os.environ and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            mixed = "bf16"
+    else:
+        mixed = "bf16" if args.bf16 else "no"
+    if mixed == "bf16" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and args.bf16:
+        raise SystemExit("error: --bf16 true needs a GPU with bf16 support; this machine has none (use --bf16 false)")
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed,
+                              kwargs_handlers=kwargs_handlers, cpu=cpu)
+    if world_size > 1 and (accelerator.num_processes != world_size or accelerator.distributed_type == DistributedType.NO):
+        raise SystemExit(f"error: launched {world_size} processes, but accelerate set up {accelerator.num_processes} "
+                         f"({accelerator.distributed_type.value}); they would train separately. On CPU use "
+                         "configs/cpu_ddp.yaml or configs/cpu_zero2.yaml")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, args)
+    return accelerator
+
+
+def configure_deepspeed(accelerator: Accelerator, args: TrainArguments) -> None:
+    """Our flags are the source of truth; a DeepSpeed config that says otherwise is an error."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    wanted = {"train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+              "gradient_accumulation_steps": args.gradient_accumulation_steps,
+              "gradient_clipping": float(args.max_grad_norm)}
+    for key, value in wanted.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise SystemExit(f"error: the DeepSpeed config sets {key}={ds[key]} but the flags ask for {value}; "
+                             f"set it to \"auto\" in the DeepSpeed config or pass the same value")
+        ds[key] = value
+    ds["train_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        # Without it a ZeRO-3 save writes an empty state dict.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def load_tokenizer(model_args: ModelArguments):
+    path = model_args.tokenizer_name_or_path or model_args.model_name_or_path or str(REPO / "assets" / "tiny-qwen-tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        log.info("Tokenizer has no pad token: padding with eos %r (padding is masked out, so this is safe)",
+                 tokenizer.eos_token)
+    for tok in templates.TEMPLATE_SPECIAL_TOKENS.get(model_args.template, ()):
+        if tok not in tokenizer.get_vocab():
+            raise SystemExit(f"error: --template {model_args.template} needs the token {tok!r}, which the tokenizer "
+                             f"at {path} does not have; choose a template that matches the tokenizer")
+    tokenizer.chat_template = templates.chat_template_for(model_args.template, tokenizer, model_args.system_prompt)
+    return tokenizer
+
+
+def load_model(model_args: ModelArguments, tokenizer, max_len: int):
+    if model_args.model_name_or_path is None:
+        model = tiny_qwen2(len(tokenizer), tokenizer)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path, dtype=torch.float32, use_safetensors=True,
+            trust_remote_code=model_args.trust_remote_code, attn_implementation=model_args.attn_implementation)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and max_len > positions:
+        raise SystemExit(f"error: --max_len {max_len} is beyond the model's {positions} positions")
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    # Generation must stop where training taught the model to stop.
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def prepare_output_dir(args: TrainArguments, accelerator: Accelerator) -> str | None:
+    """The checkpoint to resume from, if any; refuses to write into a used directory otherwise."""
+    out = Path(args.output_dir)
+    resume = args.resume_from_checkpoint
+    if resume is not None and resume.lower() in ("true", "latest"):
+        found = latest_checkpoint(out)
+        if found is None:
+            raise SystemExit(f"error: --resume_from_checkpoint true, but {out} holds no complete checkpoint")
+        return str(found)
+    if resume is not None and resume.lower() not in ("false", "none", ""):
+        if not (Path(resume) / "trainer_state.json").is_file():
+            raise SystemExit(f"error: {resume} is not a complete checkpoint (no trainer_state.json)")
+        return resume
+    if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
+        hint = ("pass --resume_from_checkpoint true to continue it" if latest_checkpoint(out)
+                else "choose another --output_dir")
+        raise SystemExit(f"error: output directory {out} is not empty; {hint}, or --overwrite_output_dir to start over")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return None
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name[11:].isdigit()]
+    return max(done, key=lambda p: int(p.name[11:]), default=None)
+
+
+# =============================================================================================
+# Checkpoints: an HF model directory + the training state, renamed into place when complete
+# =============================================================================================
+
+def save_hf_model(accelerator: Accelerator, model, tokenizer, directory: Path) -> None:
+    # Every rank must call get_state_dict: under ZeRO-3 it gathers the shards with a collective.
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        # DeepSpeed hands back tied weights (lm_head = embeddings) as two tensors; store one, as HF does.
+        for target, source in (getattr(unwrapped, "all_tied_weights_keys", None) or {}).items():
+            if source in state_dict:
+                state_dict.pop(target, None)
+        unwrapped.save_pretrained(directory, state_dict=state_dict)
+        tokenizer.save_pretrained(directory)
+
+
+def save_checkpoint(accelerator: Accelerator, model, tokenizer, args: TrainArguments, state: dict) -> Path:
+    out = Path(args.output_dir)
+    final = out / f"checkpoint-{state['global_step']}"
+    tmp = out / f".tmp-checkpoint-{state['global_step']}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    save_hf_model(accelerator, model, tokenizer, tmp)
+    accelerator.save_state(str(tmp / "training_state"))  # optimizer, RNG, DeepSpeed shards
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# =============================================================================================
+# Batches
+# =============================================================================================
+
+def step_loader(dataset, args: TrainArguments, data_args: DataArguments, accelerator: Accelerator, pad_id: int,
+                epoch: int, first_step: int, num_steps: int):
+    """Yields, for each optimizer step of this epoch from first_step on, this process's list of
+    gradient_accumulation_steps collated micro-batches."""
+    world, gas = accelerator.num_processes, args.gradient_accumulation_steps
+    global_batch = args.per_device_train_batch_size * gas * world
+    order = sft_data.epoch_order(len(dataset), args.seed, epoch)
+    micro_batches = [mb for step in range(first_step, num_steps)
+                     for mb in sft_data.step_micro_batches(order, step, global_batch, accelerator.process_index, world, gas)]
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=micro_batches, num_workers=args.dataloader_num_workers,
+        collate_fn=partial(collate, pad_id=pad_id, pad_to_multiple_of=data_args.pad_to_multiple_of))
+    it = iter(loader)
+    for _ in range(first_step, num_steps):
+        yield [next(it) for _ in range(gas)]
+
+
+@torch.no_grad()
+def evaluate(model, dataset, args: TrainArguments, data_args: DataArguments, accelerator: Accelerator, pad_id: int) -> float:
+    """Token-weighted mean loss over the whole set, across processes."""
+    model.eval()
+    idx = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    bs = args.per_device_eval_batch_size
+    batches = [idx[i:i + bs] for i in range(0, len(idx), bs)]
+    # every process runs the same number of forwards (ZeRO-3 gathers parameters collectively)
+    n_batches = -(-len(dataset) // (bs * accelerator.num_processes))
+    batches += [[] for _ in range(n_batches - len(batches))]
+    loss_sum = torch.zeros((), device=accelerator.device)
+    tokens = torch.zeros((), device=accelerator.device)
+    for b in batches:
+        batch = collate([dataset[i] for i in b], pad_id=pad_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sum += token_loss_sum(logits, batch["labels"])
+        tokens += num_targets(batch["labels"])
+    model.train()
+    return (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(tokens, "sum").clamp(min=1)).item()
+
+
+def log_metrics(args: TrainArguments, accelerator: Accelerator, metrics: dict) -> None:
+    if accelerator.is_main_process:
+        with open(Path(args.output_dir) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
+# =============================================================================================
+# Main
+# =============================================================================================
+
+def main(argv: list[str] | None = None) -> None:
+    model_args, data_args, args = parse_args(argv)
+
+    # --- setup ------------------------------------------------------------------------------
+    accelerator = make_accelerator(args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    transformers.utils.logging.set_verbosity_error()
+    resume_dir = prepare_output_dir(args, accelerator)
+    set_seed(args.seed)
+    world, gas = accelerator.num_processes, args.gradient_accumulation_steps
+    global_batch = args.per_device_train_batch_size * gas * world
+    log.info("%d process(es) (%s), global batch %d = %d per device x %d accumulation x %d processes",
+             world, accelerator.distributed_type.value, global_batch, args.per_device_train_batch_size, gas, world)
+
+    # --- data -------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(model_args)
+    cache_dir = Path(data_args.preprocessing_cache_dir or os.environ.get("SFT_CACHE", Path.home() / ".cache" / "sft-loop"))
+    prep = partial(sft_data.prepare_dataset, tokenizer=tokenizer, template=model_args.template,
+                   max_len=data_args.max_len, system_prompt=model_args.system_prompt, cache_dir=cache_dir,
+                   num_proc=data_args.preprocessing_num_workers, skip_invalid=data_args.skip_invalid_samples)
+    with accelerator.main_process_first():  # tokenize once; the other processes read the cache
+        try:
+            train_set = prep(data_args.train_files, what="train")
+            eval_set = prep(data_args.validation_files, what="validation") if data_args.validation_files else None
+        except sft_data.DataProblems as e:
+            raise SystemExit(f"error: {e}") from None
+    steps_per_epoch = sft_data.steps_per_epoch(len(train_set), global_batch)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    log.info("%d training samples, %d steps per epoch, %d optimizer steps", len(train_set), steps_per_epoch, total_steps)
+
+    # --- model and optimizer ----------------------------------------------------------------
+    model = load_model(model_args, tokenizer, data_args.max_len)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    log.info("model: %s, %.2fM parameters", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # biases and norms
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    global_step = 0
+    if resume_dir is not None:
+        accelerator.load_state(str(Path(resume_dir) / "training_state"))
+        state = json.loads((Path(resume_dir) / "trainer_state.json").read_text())
+        if state["global_batch_size"] != global_batch or state["seed"] != args.seed:
+            raise SystemExit(f"error: {resume_dir} was trained with global batch {state['global_batch_size']} and seed "
+                             f"{state['seed']}; resuming needs the same (now {global_batch}, {args.seed})")
+        global_step = state["global_step"]
+        log.info("resumed from %s at step %d", resume_dir, global_step)
+
+    # --- the loop ---------------------------------------------------------------------------
+    model.train()
+    bar = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_main_process, desc="train")
+    eval_loss = None
+    while global_step < total_steps:
+        epoch, first = divmod(global_step, steps_per_epoch)
+        last = min(steps_per_epoch, first + total_steps - global_step)
+        for micro_batches in step_loader(train_set, args, data_args, accelerator, tokenizer.pad_token_id, epoch, first, last):
+            t0 = time.perf_counter()
+            lr = learning_rate_at(global_step, total_steps, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in micro_batches]
+
+            # Normalise by the target tokens of the whole optimizer step, over all micro-batches and
+            # processes, so the gradient is that of one big batch however it is split. accelerate
+            # (or DeepSpeed) divides by the accumulation steps and DDP/DeepSpeed average over
+            # processes; multiplying by both undoes that.
+            step_targets = accelerator.reduce(sum(num_targets(b["labels"]) for b in micro_batches), "sum")
+            scale = world * gas / step_targets.clamp(min=1)
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for batch in micro_batches:
+                # accumulate(): DDP skips the gradient all-reduce, and DeepSpeed is told this is not
+                # a step boundary, on all but the last micro-batch.
+                with accelerator.accumulate(model):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    micro_loss = token_loss_sum(logits, batch["labels"])
+                    accelerator.backward(micro_loss * scale)
+                loss_sum += micro_loss.detach()
+            # DeepSpeed clipped inside its step (gradient_clipping); elsewhere this clips.
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+
+            loss = (accelerator.reduce(loss_sum, "sum") / step_targets.clamp(min=1)).item()
+            tokens = accelerator.reduce(sum(b["attention_mask"].sum() for b in micro_batches), "sum").item()
+            dt = time.perf_counter() - t0
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens / dt:.0f}")
+            if global_step % args.logging_steps == 0 or global_step == total_steps:
+                log_metrics(args, accelerator, {"step": global_step, "epoch": global_step / steps_per_epoch,
+                                                "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                                "target_tokens": int(step_targets.item()), "tokens_per_s": tokens / dt})
+
+            is_last = global_step == total_steps
+            if is_last or (args.save_steps and global_step % args.save_steps == 0):
+                if eval_set is not None:
+                    eval_loss = evaluate(model, eval_set, args, data_args, accelerator, tokenizer.pad_token_id)
+                    log.info("step %d: eval loss %.4f", global_step, eval_loss)
+                    log_metrics(args, accelerator, {"step": global_step, "eval_loss": eval_loss})
+                state = {"global_step": global_step, "epoch": global_step // steps_per_epoch,
+                         "step_in_epoch": global_step % steps_per_epoch, "samples_seen": global_step * global_batch,
+                         "global_batch_size": global_batch, "seed": args.seed, "total_steps": total_steps,
+                         "args": {**asdict(model_args), **asdict(data_args), **asdict(args)}}
+                ckpt = save_checkpoint(accelerator, model, tokenizer, args, state)
+                log.info("saved %s", ckpt)
+    bar.close()
+
+    # --- the final model, in HF format at the top of output_dir -------------------------------
+    save_hf_model(accelerator, model, tokenizer, Path(args.output_dir))
+    log.info("model written to %s", args.output_dir)
+    # CPU DDP can hang at exit while the model and optimizer still hold process-group resources.
+    del model, optimizer
+    gc.collect()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
