@@ -16,7 +16,9 @@ def collate(samples: list[dict], pad_id: int, pad_to_multiple_of: int | None = N
     still runs forward/backward and joins the gradient collectives with a zero contribution.
     """
     if not samples:
-        samples = [{"input_ids": [pad_id], "labels": [IGNORE_INDEX]}]
+        return {"input_ids": torch.full((1, 1), pad_id, dtype=torch.long),
+                "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),
+                "attention_mask": torch.ones((1, 1), dtype=torch.long), "sample_id": torch.zeros((0,), dtype=torch.long)}
     lengths = [len(s["input_ids"]) for s in samples]
     width = max(lengths)
     if pad_to_multiple_of:
@@ -27,4 +29,7 @@ def collate(samples: list[dict], pad_id: int, pad_to_multiple_of: int | None = N
         input_ids[row, :n] = torch.as_tensor(s["input_ids"], dtype=torch.long)
         labels[row, :n] = torch.as_tensor(s["labels"], dtype=torch.long)
     attention_mask = (torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]).long()
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if samples[0].get("sample_id") is not None:  # which records these are, for logs and error messages
+        batch["sample_id"] = torch.as_tensor([s["sample_id"] for s in samples], dtype=torch.long)
+    return batch

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator, InitProcessGroupKwargs
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
@@ -79,6 +79,7 @@ class TrainArguments:
     gradient_accumulation_steps: int = 1
     learning_rate: float | None = field(default=None, metadata={
         "help": "default: 1e-3 for the built-in tiny model, 2e-5 for a pretrained one"})
+    optim: str = field(default="adamw_torch", metadata={"help": "adamw_torch | sgd (plain SGD: linear, for exactness checks)"})
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -98,6 +99,8 @@ class TrainArguments:
     resume_from_checkpoint: str | None = field(default=None, metadata={
         "help": "a checkpoint directory, or 'true' for the latest in output_dir"})
     dataloader_num_workers: int = field(default=0, metadata={"help": "0 keeps data loading in this process (debuggable)"})
+    log_sample_ids: bool = field(default=False, metadata={
+        "help": "append the ids (row numbers in the training files) of each step's samples to output_dir/sample_ids.jsonl"})
 
 
 def config_file_args(path: str) -> list[str]:
@@ -128,6 +131,8 @@ def parse_args(argv: list[str] | None = None):
         argv = config_file_args(argv[0]) + argv[1:]
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
     model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+    if args.optim not in ("adamw_torch", "sgd"):
+        parser.error(f"--optim must be adamw_torch or sgd, not {args.optim!r}")
     if args.lr_scheduler_type not in ("linear", "cosine", "constant"):
         parser.error(f"--lr_scheduler_type must be linear, cosine or constant, not {args.lr_scheduler_type!r}")
     if model_args.template not in templates.TEMPLATES:
@@ -153,7 +158,9 @@ def tiny_qwen2(vocab_size: int, tokenizer) -> transformers.PreTrainedModel:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    return AutoModelForCausalLM.from_config(config)
+    # The constructor, not from_config: under ZeRO-3, from_config initialises inside deepspeed.zero.Init,
+    # which draws different random weights than one process does; the engine partitions this model later.
+    return transformers.Qwen2ForCausalLM(config)
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -269,16 +276,15 @@ def prepare_output_dir(args: TrainArguments, accelerator: Accelerator) -> str | 
     """The checkpoint to resume from, if any; refuses to write into a used directory otherwise."""
     out = Path(args.output_dir)
     resume = args.resume_from_checkpoint
+    if resume is not None and resume.lower() in ("false", "none", ""):
+        resume = None
     if resume is not None and resume.lower() in ("true", "latest"):
-        found = latest_checkpoint(out)
-        if found is None:
+        resume = latest_checkpoint(out)
+        if resume is None:
             raise SystemExit(f"error: --resume_from_checkpoint true, but {out} holds no complete checkpoint")
-        return str(found)
-    if resume is not None and resume.lower() not in ("false", "none", ""):
-        if not (Path(resume) / "trainer_state.json").is_file():
-            raise SystemExit(f"error: {resume} is not a complete checkpoint (no trainer_state.json)")
-        return resume
-    if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
+    elif resume is not None and not (Path(resume) / "trainer_state.json").is_file():
+        raise SystemExit(f"error: {resume} is not a complete checkpoint (no trainer_state.json)")
+    if resume is None and out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
         hint = ("pass --resume_from_checkpoint true to continue it" if latest_checkpoint(out)
                 else "choose another --output_dir")
         raise SystemExit(f"error: output directory {out} is not empty; {hint}, or --overwrite_output_dir to start over")
@@ -288,7 +294,7 @@ def prepare_output_dir(args: TrainArguments, accelerator: Accelerator) -> str | 
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    return None
+    return None if resume is None else str(resume)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -424,9 +430,12 @@ def main(argv: list[str] | None = None) -> None:
     log.info("model: %s, %.2fM parameters", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # biases and norms
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optim == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=args.learning_rate)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                      eps=args.adam_epsilon)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     global_step = 0
@@ -480,6 +489,12 @@ def main(argv: list[str] | None = None) -> None:
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens / dt:.0f}")
+            if args.log_sample_ids:
+                ids = [i for b in micro_batches for i in b["sample_id"].tolist()]
+                ids = sorted(i for part in gather_object([ids]) for i in part)
+                if accelerator.is_main_process:
+                    with open(Path(args.output_dir) / "sample_ids.jsonl", "a") as f:
+                        f.write(json.dumps({"step": global_step, "sample_ids": ids}) + "\n")
             if global_step % args.logging_steps == 0 or global_step == total_steps:
                 log_metrics(args, accelerator, {"step": global_step, "epoch": global_step / steps_per_epoch,
                                                 "loss": loss, "lr": lr, "grad_norm": grad_norm,
