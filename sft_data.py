@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import datasets
@@ -43,67 +43,93 @@ def check_files(files: list[str]) -> list[Path]:
     return paths
 
 
-def _scan_json(path: Path) -> list[str]:
-    """Find the bad records of a JSON/JSONL file in plain Python, to say which line is wrong."""
+def _json_records(path: Path) -> tuple[list[str], list[str], list[str]]:
+    """Plain-Python reading of a JSON/JSONL file, for when the fast reader fails: each record as
+    JSON text ("" if it could not be read), the reason it could not be read ("" if fine), and its
+    location. Rows are the file's non-blank lines (JSONL) or the array's records (JSON), as in
+    the fast reader, so row numbers mean the same in both."""
     raw = path.read_bytes()
-    problems = []
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        return [f"{path}:{line}: bytes that are not UTF-8 (byte offset {e.start})"]
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+    if path.suffix.lower() == ".json" and raw.lstrip()[:1] == b"[":
         try:
-            records = json.loads(text)
+            records = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise DataProblems(f"{path}:{line}: bytes that are not UTF-8 (byte offset {e.start})") from None
         except json.JSONDecodeError as e:
-            return [f"{path}:{e.lineno}: invalid JSON: {e.msg}"]
-        where = [f"{path}: record {i}" for i in range(len(records))]
-    else:
-        lines = text.splitlines()
-        records, where = [], []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                last = n == len(lines) and not text.endswith("\n")
-                problems.append(f"{path}:{n}: invalid JSON{' (truncated last line?)' if last else ''}: {e.msg}")
-                continue
-            where.append(f"{path}:{n}")
-    for w, r in zip(where, records):
+            raise DataProblems(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        return ([json.dumps(r) for r in records], [""] * len(records),
+                [f"{path}: record {i}" for i in range(len(records))])
+    lines = raw.split(b"\n")
+    texts, errors, where = [], [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where.append(f"{path}:{n}")
         try:
-            templates.to_messages(r)
-        except DataError as e:
-            problems.append(f"{w}: {e}")
-    return problems
+            text = line.decode("utf-8")
+            json.loads(text)
+        except UnicodeDecodeError as e:
+            texts.append("")
+            errors.append(f"bytes that are not UTF-8 (column {e.start + 1})")
+            continue
+        except json.JSONDecodeError as e:
+            truncated = n == len(lines) and not raw.endswith(b"\n")
+            texts.append("")
+            errors.append(f"invalid JSON{' (truncated last line?)' if truncated else ''}: {e.msg} (column {e.colno})")
+            continue
+        texts.append(text)
+        errors.append("")
+    return texts, errors, where
+
+
+def _is_utf8(path: Path) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _row_locations(path: Path) -> list[str]:
-    """Row index -> 'file:line' (JSONL: blank lines are not rows) or 'file: record i'."""
-    if path.suffix.lower() == ".jsonl":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [f"{path}:{n}" for n, line in enumerate(lines, 1) if line.strip()]
-    return []
+    """Row index -> 'file:line' for JSONL (blank lines are not rows), 'file: record i' otherwise."""
+    if path.suffix.lower() != ".jsonl":
+        return []
+    lines = path.read_bytes().split(b"\n")
+    return [f"{path}:{n}" for n, line in enumerate(lines, 1) if line.strip()]
 
 
-def load_records(paths: list[Path], cache_dir: Path) -> datasets.Dataset:
-    """All files as one datasets.Dataset, each row tagged with its file and row index."""
-    parts = []
-    for i, p in enumerate(paths):
-        try:
-            ds = datasets.load_dataset(EXTENSIONS[p.suffix.lower()], data_files=str(p), split="train",
-                                       cache_dir=str(cache_dir / "hf-datasets"))
-        except Exception as e:  # the library's message names no line: find the bad one ourselves
-            problems = _scan_json(p) if EXTENSIONS[p.suffix.lower()] == "json" else []
-            if not problems:
-                problems = [f"{p}: could not be read: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
-            raise DataProblems(_report(problems)) from None
-        if len(ds) == 0:
-            raise DataProblems(f"{p}: no records")
-        ds = ds.add_column("_file", [i] * len(ds)).add_column("_row", list(range(len(ds))))
-        parts.append(ds)
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+def locate(paths: list[Path], file_idx: int, row: int, cache: dict | None = None) -> str:
+    cache = {} if cache is None else cache
+    if file_idx not in cache:
+        cache[file_idx] = _row_locations(paths[file_idx])
+    rows = cache[file_idx]
+    return rows[row] if row < len(rows) else f"{paths[file_idx]}: record {row}"
+
+
+def load_file(path: Path, file_idx: int, cache_dir: Path) -> datasets.Dataset:
+    """One file as a datasets.Dataset, each row tagged with its file and row index.
+
+    The fast (Arrow) reader is tried first. A file it cannot read (a bad line, a value whose type
+    differs between records, bytes that are not UTF-8, ...) is read again in plain Python, keeping
+    each record as JSON text, so the bad records can be named by line, and skipped if asked."""
+    kind = EXTENSIONS[path.suffix.lower()]
+    try:
+        if kind == "json" and not _is_utf8(path):
+            raise UnicodeError  # Arrow reads such bytes and fails later, when the text is used
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=str(cache_dir / "hf-datasets"))
+    except Exception as e:
+        if kind != "json":
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise DataProblems(f"{path}: could not be read: {type(e).__name__}: {first}") from None
+        texts, errors, _ = _json_records(path)
+        ds = datasets.Dataset.from_dict({"_raw": texts, "_read_error": errors})
+    if len(ds) == 0:
+        raise DataProblems(f"{path}: no records")
+    return ds.add_column("_file", [file_idx] * len(ds)).add_column("_row", list(range(len(ds))))
 
 
 def _report(problems: list[str]) -> str:
@@ -118,11 +144,15 @@ def _report(problems: list[str]) -> str:
 
 def _encode_batch(batch, tokenizer, template, max_len, system_prompt):
     n = len(batch["_row"])
-    rows = [{k: batch[k][i] for k in batch} for i in range(n)]
+    fields = [k for k in batch if k not in ("_raw", "_read_error", "_file", "_row")]
     convs, errors = [], []
-    for r in rows:
+    for i in range(n):
+        raw, read_error = batch.get("_raw", [None] * n)[i], batch.get("_read_error", [None] * n)[i]
         try:
-            convs.append(templates.to_messages(r))
+            if read_error:
+                raise DataError(read_error)
+            record = json.loads(raw) if raw else {k: batch[k][i] for k in fields}
+            convs.append(templates.to_messages(record))
             errors.append("")
         except DataError as e:
             convs.append(None)
@@ -156,42 +186,43 @@ def _fingerprint(paths, tokenizer, template, max_len, system_prompt) -> str:
 def prepare_dataset(files: list[str], tokenizer, *, template: str, max_len: int, system_prompt: str | None,
                     cache_dir: Path, num_proc: int | None = None, skip_invalid: bool = False,
                     what: str = "train") -> datasets.Dataset:
-    """Validated, tokenized, cached dataset with columns input_ids, labels, length, num_targets, sample_id."""
+    """Validated, tokenized, cached dataset with columns input_ids, labels, length, num_targets, sample_id,
+    and _file/_row (which file and row each sample came from, for messages)."""
     paths = check_files(files)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    raw = load_records(paths, cache_dir)
-    key = _fingerprint(paths, tokenizer, template, max_len, system_prompt)
-    cache_file = cache_dir / f"tokenized-{what}-{key}.arrow"
-    ds = raw.map(
-        _encode_batch, batched=True, batch_size=1000, num_proc=num_proc if num_proc and num_proc > 1 else None,
-        remove_columns=[c for c in raw.column_names if c not in ("_file", "_row")],
-        fn_kwargs=dict(tokenizer=tokenizer, template=template, max_len=max_len, system_prompt=system_prompt),
-        cache_file_name=str(cache_file), load_from_cache_file=True, desc=f"Tokenizing {what} data",
-    )
+    parts = []
+    for i, p in enumerate(paths):
+        # Each file is tokenized (and cached) on its own: files of different record shapes have
+        # different columns, and only the tokenized columns are common to all.
+        raw = load_file(p, i, cache_dir)
+        key = _fingerprint([p], tokenizer, template, max_len, system_prompt)
+        parts.append(raw.map(
+            _encode_batch, batched=True, batch_size=1000, num_proc=num_proc if num_proc and num_proc > 1 else None,
+            remove_columns=[c for c in raw.column_names if c not in ("_file", "_row")],
+            fn_kwargs=dict(tokenizer=tokenizer, template=template, max_len=max_len, system_prompt=system_prompt),
+            cache_file_name=str(cache_dir / f"tokenized-{key}.arrow"), load_from_cache_file=True,
+            desc=f"Tokenizing {p.name}",
+        ))
+    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    n_total = len(ds)
     bad = [i for i, e in enumerate(ds["error"]) if e]
     if bad:
         locations = {}
-        problems = []
-        for i in bad:
-            f, r = ds[i]["_file"], ds[i]["_row"]
-            if f not in locations:
-                locations[f] = _row_locations(paths[f])
-            where = locations[f][r] if r < len(locations[f]) else f"{paths[f]}: record {r}"
-            problems.append(f"{where}: {ds[i]['error']}")
+        problems = [f"{locate(paths, ds[i]['_file'], ds[i]['_row'], locations)}: {ds[i]['error']}" for i in bad]
         if not skip_invalid:
             raise DataProblems(_report(problems) + "\n(pass --skip_invalid_samples to skip such records)")
-        log.warning("Skipping %d invalid %s record(s) (--skip_invalid_samples); first: %s", len(bad), what, problems[0])
-    ds = ds.add_column("sample_id", list(range(len(ds))))
-    n_invalid = len(bad)
+        log.warning("Skipped %d invalid %s record(s) of %d (--skip_invalid_samples); the first: %s",
+                    len(bad), what, n_total, problems[0])
+    ds = ds.add_column("sample_id", list(range(n_total)))
     ds = ds.filter(lambda e, t: not e and t > 0, input_columns=["error", "num_targets"])
-    dropped = len(raw) - n_invalid - len(ds)
+    dropped = n_total - len(bad) - len(ds)
     if dropped:
         log.warning("Dropped %d of %d %s sample(s) with no trainable token left after truncation to max_len=%d",
-                    dropped, len(raw), what, max_len)
+                    dropped, n_total, what, max_len)
     if len(ds) == 0:
         raise DataProblems(f"no usable {what} samples in {', '.join(files)}")
-    return ds.remove_columns(["error", "_file", "_row"])
+    return ds.remove_columns(["error"])
 
 
 # ---------------------------------------------------------------------------------------------

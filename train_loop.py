@@ -15,7 +15,9 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -99,6 +101,9 @@ class TrainArguments:
     resume_from_checkpoint: str | None = field(default=None, metadata={
         "help": "a checkpoint directory, or 'true' for the latest in output_dir"})
     dataloader_num_workers: int = field(default=0, metadata={"help": "0 keeps data loading in this process (debuggable)"})
+    save_total_limit: int | None = field(default=None, metadata={"help": "keep only the last K checkpoints"})
+    skip_nonfinite_steps: bool = field(default=False, metadata={
+        "help": "skip an optimizer step whose loss or gradient norm is NaN/inf instead of stopping"})
     log_sample_ids: bool = field(default=False, metadata={
         "help": "append the ids (row numbers in the training files) of each step's samples to output_dir/sample_ids.jsonl"})
 
@@ -208,8 +213,11 @@ def make_accelerator(args: TrainArguments) -> Accelerator:
             mixed = "bf16"
     else:
         mixed = "bf16" if args.bf16 else "no"
-    if mixed == "bf16" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and args.bf16:
-        raise SystemExit("error: --bf16 true needs a GPU with bf16 support; this machine has none (use --bf16 false)")
+    asked = mixed or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if asked == "bf16" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        source = "--bf16 true" if args.bf16 else "the accelerate config (mixed_precision: bf16)"
+        raise SystemExit(f"error: {source} asks for bf16, but this machine has no GPU with bf16 support; "
+                         "pass --bf16 false or use a config with mixed_precision: 'no'")
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed,
                               kwargs_handlers=kwargs_handlers, cpu=cpu)
     if world_size > 1 and (accelerator.num_processes != world_size or accelerator.distributed_type == DistributedType.NO):
@@ -217,6 +225,9 @@ def make_accelerator(args: TrainArguments) -> Accelerator:
                          f"({accelerator.distributed_type.value}); they would train separately. On CPU use "
                          "configs/cpu_ddp.yaml or configs/cpu_zero2.yaml")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if args.skip_nonfinite_steps:
+            raise SystemExit("error: --skip_nonfinite_steps is not available under DeepSpeed, whose engine applies the "
+                             "update inside backward; without it a non-finite step stops the run before any bad save")
         configure_deepspeed(accelerator, args)
     return accelerator
 
@@ -258,9 +269,13 @@ def load_model(model_args: ModelArguments, tokenizer, max_len: int):
     if model_args.model_name_or_path is None:
         model = tiny_qwen2(len(tokenizer), tokenizer)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path, dtype=torch.float32, use_safetensors=True,
-            trust_remote_code=model_args.trust_remote_code, attn_implementation=model_args.attn_implementation)
+        try:  # weights only from safetensors: a pickle (.bin) can run code when loaded
+            model = AutoModelForCausalLM.from_pretrained(
+                model_args.model_name_or_path, dtype=torch.float32, use_safetensors=True,
+                trust_remote_code=model_args.trust_remote_code, attn_implementation=model_args.attn_implementation)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot load a model with safetensors weights from "
+                             f"{model_args.model_name_or_path}: {str(e).splitlines()[0]}") from None
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and max_len > positions:
         raise SystemExit(f"error: --max_len {max_len} is beyond the model's {positions} positions")
@@ -282,24 +297,37 @@ def prepare_output_dir(args: TrainArguments, accelerator: Accelerator) -> str | 
         resume = latest_checkpoint(out)
         if resume is None:
             raise SystemExit(f"error: --resume_from_checkpoint true, but {out} holds no complete checkpoint")
-    elif resume is not None and not (Path(resume) / "trainer_state.json").is_file():
-        raise SystemExit(f"error: {resume} is not a complete checkpoint (no trainer_state.json)")
+    elif resume is not None and not (Path(resume) / COMPLETE).is_file():
+        raise SystemExit(f"error: {resume} is not a complete checkpoint (no {COMPLETE} marker)")
     if resume is None and out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
         hint = ("pass --resume_from_checkpoint true to continue it" if latest_checkpoint(out)
                 else "choose another --output_dir")
         raise SystemExit(f"error: output directory {out} is not empty; {hint}, or --overwrite_output_dir to start over")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if args.overwrite_output_dir and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            if args.overwrite_output_dir and resume is None and out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / ".write-test").write_text("")
+            (out / ".write-test").unlink()
+        except OSError as e:
+            raise SystemExit(f"error: output directory {out} is not writable: {e.strerror}") from None
     accelerator.wait_for_everyone()
     return None if resume is None else str(resume)
 
 
+COMPLETE = "checkpoint_complete"  # written last: a checkpoint without it is never resumed from
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    done = [p for p in out.glob("checkpoint-*") if p.name[11:].isdigit() and (p / COMPLETE).is_file()]
+    return sorted(done, key=lambda p: int(p.name[11:]))
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name[11:].isdigit()]
-    return max(done, key=lambda p: int(p.name[11:]), default=None)
+    done = complete_checkpoints(out)
+    return done[-1] if done else None
 
 
 # =============================================================================================
@@ -320,22 +348,68 @@ def save_hf_model(accelerator: Accelerator, model, tokenizer, directory: Path) -
 
 
 def save_checkpoint(accelerator: Accelerator, model, tokenizer, args: TrainArguments, state: dict) -> Path:
+    """Write into a temporary directory, mark it complete, then rename it into place: a run killed
+    mid-save leaves the previous checkpoints intact and no directory that looks finished."""
     out = Path(args.output_dir)
     final = out / f"checkpoint-{state['global_step']}"
     tmp = out / f".tmp-checkpoint-{state['global_step']}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:
+        for stale in out.glob(".tmp-checkpoint-*"):  # left by a run killed while saving
+            shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     save_hf_model(accelerator, model, tokenizer, tmp)
     accelerator.save_state(str(tmp / "training_state"))  # optimizer, RNG, DeepSpeed shards
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        (tmp / COMPLETE).write_text("")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        if args.save_total_limit:
+            for old in complete_checkpoints(out)[:-args.save_total_limit]:
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_final_model(accelerator: Accelerator, model, tokenizer, out: Path) -> None:
+    """The final model at the top of output_dir, each file moved into place only once all are written."""
+    tmp = out / ".tmp-final"
+    save_hf_model(accelerator, model, tokenizer, tmp)
+    if accelerator.is_main_process:
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+        tmp.rmdir()
+    accelerator.wait_for_everyone()
+
+
+def check_state_is_plain_data(state_dir: Path) -> None:
+    """Refuse training state that would unpickle anything beyond tensors and plain data.
+
+    accelerate loads its own files with torch.load(weights_only=True); DeepSpeed loads its shards
+    with weights_only=False, so every file is first proven loadable with weights_only=True, allowing
+    only DeepSpeed's plain record types besides."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    allowed = list(TORCH_SAFE_GLOBALS)
+    try:  # plain enums and records (no code) that DeepSpeed stores in its optimizer shards
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed += [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+    except ImportError:
+        pass
+    for f in sorted(state_dir.rglob("*")):
+        if f.suffix in (".pt", ".bin", ".pkl"):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+                raise SystemExit(f"error: refusing to resume from {f}: it holds more than tensors and plain data "
+                                 f"({what.group(1) if what else str(e).splitlines()[0][:200]})") from None
 
 
 # =============================================================================================
@@ -357,6 +431,64 @@ def step_loader(dataset, args: TrainArguments, data_args: DataArguments, acceler
     it = iter(loader)
     for _ in range(first_step, num_steps):
         yield [next(it) for _ in range(gas)]
+
+
+def train_step(model, optimizer, micro_batches: list[dict], accelerator: Accelerator, args: TrainArguments) -> dict:
+    """One optimizer step over this process's micro-batches.
+
+    Returns this process's loss sum and the step's global target count, or, when a loss or the
+    gradient norm is not finite, {"nonfinite": what} with the weights left as they were."""
+    world, gas = accelerator.num_processes, args.gradient_accumulation_steps
+    # Normalise by the target tokens of the whole optimizer step, over all micro-batches and
+    # processes, so the gradient is that of one big batch however it is split. accelerate (or
+    # DeepSpeed) divides by the accumulation steps and DDP/DeepSpeed average over processes;
+    # multiplying by both undoes that.
+    step_targets = accelerator.reduce(sum(num_targets(b["labels"]) for b in micro_batches), "sum")
+    scale = world * gas / step_targets.clamp(min=1)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(micro_batches):
+        # accumulate(): DDP skips the gradient all-reduce, and DeepSpeed is told this is not a step
+        # boundary, on all but the last micro-batch.
+        with accelerator.accumulate(model):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            micro_loss = token_loss_sum(logits, batch["labels"])
+            loss_sum += micro_loss.detach()
+            if i == len(micro_batches) - 1:
+                # All processes decide together, before the last backward (inside which DeepSpeed
+                # updates the weights), whether any of them saw a non-finite loss.
+                if accelerator.reduce((~torch.isfinite(loss_sum)).float(), "sum") > 0:
+                    optimizer.zero_grad(set_to_none=True)
+                    return {"nonfinite": "loss"}
+            accelerator.backward(micro_loss * scale)
+    # DeepSpeed clipped inside its step (gradient_clipping); elsewhere this clips, before the step.
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    if not math.isfinite(grad_norm) and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        optimizer.zero_grad(set_to_none=True)
+        return {"nonfinite": "gradient norm"}
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not math.isfinite(grad_norm):  # DeepSpeed: already applied; the run stops without saving
+        return {"nonfinite": "gradient norm (under DeepSpeed the update was already applied)"}
+    return {"loss_sum": loss_sum, "targets": step_targets, "grad_norm": grad_norm}
+
+
+def describe_samples(dataset, micro_batches: list[dict], paths: list[Path]) -> str:
+    """Where this step's samples come from (file:line), gathered from all processes."""
+    ids = [i for b in micro_batches for i in b["sample_id"].tolist()]
+    ids = set(i for part in gather_object([ids]) for i in part)
+    rows = dataset.filter(lambda sid: sid in ids, input_columns=["sample_id"])
+    locations = {}
+    return ", ".join(sft_data.locate(paths, f, r, locations) for f, r in zip(rows["_file"], rows["_row"]))
+
+
+# SIGTERM (Slurm, Kubernetes) asks for a checkpoint and a clean exit after the current step.
+STOP_REQUESTED = False
+
+
+def request_stop(signum, frame) -> None:
+    global STOP_REQUESTED
+    STOP_REQUESTED = True
 
 
 @torch.no_grad()
@@ -440,6 +572,7 @@ def main(argv: list[str] | None = None) -> None:
 
     global_step = 0
     if resume_dir is not None:
+        check_state_is_plain_data(Path(resume_dir) / "training_state")  # on every rank: no rank waits on a failed one
         accelerator.load_state(str(Path(resume_dir) / "training_state"))
         state = json.loads((Path(resume_dir) / "trainer_state.json").read_text())
         if state["global_batch_size"] != global_batch or state["seed"] != args.seed:
@@ -451,8 +584,10 @@ def main(argv: list[str] | None = None) -> None:
     # --- the loop ---------------------------------------------------------------------------
     model.train()
     bar = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_main_process, desc="train")
-    eval_loss = None
-    while global_step < total_steps:
+    signal.signal(signal.SIGTERM, request_stop)
+    skipped_steps = state.get("skipped_steps", 0) if resume_dir is not None else 0
+    stopped = False
+    while global_step < total_steps and not stopped:
         epoch, first = divmod(global_step, steps_per_epoch)
         last = min(steps_per_epoch, first + total_steps - global_step)
         for micro_batches in step_loader(train_set, args, data_args, accelerator, tokenizer.pad_token_id, epoch, first, last):
@@ -461,34 +596,30 @@ def main(argv: list[str] | None = None) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in micro_batches]
-
-            # Normalise by the target tokens of the whole optimizer step, over all micro-batches and
-            # processes, so the gradient is that of one big batch however it is split. accelerate
-            # (or DeepSpeed) divides by the accumulation steps and DDP/DeepSpeed average over
-            # processes; multiplying by both undoes that.
-            step_targets = accelerator.reduce(sum(num_targets(b["labels"]) for b in micro_batches), "sum")
-            scale = world * gas / step_targets.clamp(min=1)
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for batch in micro_batches:
-                # accumulate(): DDP skips the gradient all-reduce, and DeepSpeed is told this is not
-                # a step boundary, on all but the last micro-batch.
-                with accelerator.accumulate(model):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    micro_loss = token_loss_sum(logits, batch["labels"])
-                    accelerator.backward(micro_loss * scale)
-                loss_sum += micro_loss.detach()
-            # DeepSpeed clipped inside its step (gradient_clipping); elsewhere this clips.
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            result = train_step(model, optimizer, micro_batches, accelerator, args)
             global_step += 1
 
-            loss = (accelerator.reduce(loss_sum, "sum") / step_targets.clamp(min=1)).item()
-            tokens = accelerator.reduce(sum(b["attention_mask"].sum() for b in micro_batches), "sum").item()
+            if "nonfinite" in result:
+                where = describe_samples(train_set, micro_batches, [Path(f) for f in data_args.train_files])
+                msg = f"non-finite {result['nonfinite']} at step {global_step} (samples: {where})"
+                if not args.skip_nonfinite_steps or "DeepSpeed" in result["nonfinite"]:
+                    last_good = latest_checkpoint(Path(args.output_dir))
+                    raise SystemExit(f"error: {msg}; stopped without saving these weights (last checkpoint: "
+                                     f"{last_good or 'none'}). Lower the learning rate, check those samples, or pass "
+                                     "--skip_nonfinite_steps")
+                skipped_steps += 1
+                log.warning("%s: step skipped (%d so far)", msg, skipped_steps)
+            # One collective for the logged numbers and for agreeing to stop on SIGTERM.
+            local = [result.get("loss_sum", torch.tensor(float("nan"))).to(accelerator.device),
+                     sum(b["attention_mask"].sum() for b in micro_batches).float(),
+                     torch.tensor(float(STOP_REQUESTED), device=accelerator.device)]
+            loss_sum, tokens, stop = accelerator.reduce(torch.stack(local), "sum").tolist()
+            loss = loss_sum / max(1.0, float(result["targets"])) if "targets" in result else None
+            grad_norm = result.get("grad_norm")
             dt = time.perf_counter() - t0
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens / dt:.0f}")
+            if loss is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens / dt:.0f}")
             if args.log_sample_ids:
                 ids = [i for b in micro_batches for i in b["sample_id"].tolist()]
                 ids = sorted(i for part in gather_object([ids]) for i in part)
@@ -498,10 +629,11 @@ def main(argv: list[str] | None = None) -> None:
             if global_step % args.logging_steps == 0 or global_step == total_steps:
                 log_metrics(args, accelerator, {"step": global_step, "epoch": global_step / steps_per_epoch,
                                                 "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                                "target_tokens": int(step_targets.item()), "tokens_per_s": tokens / dt})
+                                                "target_tokens": int(result.get("targets", 0)),
+                                                "tokens_per_s": tokens / dt, "skipped_steps": skipped_steps})
 
-            is_last = global_step == total_steps
-            if is_last or (args.save_steps and global_step % args.save_steps == 0):
+            stopped = stop = stop > 0
+            if stop or global_step == total_steps or (args.save_steps and global_step % args.save_steps == 0):
                 if eval_set is not None:
                     eval_loss = evaluate(model, eval_set, args, data_args, accelerator, tokenizer.pad_token_id)
                     log.info("step %d: eval loss %.4f", global_step, eval_loss)
@@ -509,14 +641,21 @@ def main(argv: list[str] | None = None) -> None:
                 state = {"global_step": global_step, "epoch": global_step // steps_per_epoch,
                          "step_in_epoch": global_step % steps_per_epoch, "samples_seen": global_step * global_batch,
                          "global_batch_size": global_batch, "seed": args.seed, "total_steps": total_steps,
+                         "skipped_steps": skipped_steps,
                          "args": {**asdict(model_args), **asdict(data_args), **asdict(args)}}
                 ckpt = save_checkpoint(accelerator, model, tokenizer, args, state)
                 log.info("saved %s", ckpt)
+            if stop:
+                log.warning("SIGTERM: stopped after step %d with a checkpoint; resume with --resume_from_checkpoint true",
+                            global_step)
+                break
     bar.close()
 
     # --- the final model, in HF format at the top of output_dir -------------------------------
-    save_hf_model(accelerator, model, tokenizer, Path(args.output_dir))
-    log.info("model written to %s", args.output_dir)
+    if not stopped:
+        save_final_model(accelerator, model, tokenizer, Path(args.output_dir))
+        log.info("model written to %s%s", args.output_dir,
+                 f" ({skipped_steps} non-finite steps skipped)" if skipped_steps else "")
     # CPU DDP can hang at exit while the model and optimizer still hold process-group resources.
     del model, optimizer
     gc.collect()

@@ -1,9 +1,13 @@
 """Running the real entry points in subprocesses, as a user would."""
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,3 +29,36 @@ def train(args, cache, **kw):
 def launch(config, args, cache, **kw):
     return run_cmd([sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"configs/{config}",
                     "train_loop.py", *map(str, args)], cache, **kw)
+
+
+def weights(path):
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def max_diff(a, b):
+    """Largest absolute difference between two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+
+
+def losses(out):
+    """step -> logged loss (the last record of a step wins: a killed run may have logged it first)."""
+    return {m["step"]: m["loss"] for m in metrics(out) if "loss" in m}
+
+def start(args, cache, **popen):
+    """Start a command in the background, output captured (for tests that signal it)."""
+    env = {**os.environ, "SFT_CACHE": str(cache), "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([str(a) for a in args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def wait_for(predicate, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"run ended first:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline
+        time.sleep(0.001)

@@ -6,15 +6,12 @@ import json
 import random
 import shutil
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from helpers import REPO, launch, train
+from helpers import launch, losses, max_diff, start, train, wait_for, weights
 
 WORDS = "apple banana cherry river mountain cloud stone green blue red cat dog fish bird tree house".split()
 
@@ -30,22 +27,9 @@ def uneven_data(path, n):
     return path
 
 
-def weights(path):
-    return load_file(str(path / "model.safetensors"))
-
-
-def losses(out):
-    return {m["step"]: m["loss"] for m in map(json.loads, open(out / "metrics.jsonl")) if "loss" in m}
-
-
 def sample_ids(out):
     """The last record for each step (a killed run may have logged a step it did not checkpoint)."""
     return {r["step"]: r["sample_ids"] for r in map(json.loads, open(out / "sample_ids.jsonl"))}
-
-
-def max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def run(split, out, data, cache, extra=()):
@@ -118,13 +102,8 @@ def test_adamw_splits_agree(tmp_path, sft_cache):
 
 def kill_after_checkpoint(cmd, ckpt, cache):
     """Start a run and SIGKILL it as soon as `ckpt` is complete (renamed into place)."""
-    env = {**__import__("os").environ, "SFT_CACHE": str(cache), "TQDM_DISABLE": "1"}
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not ckpt.exists():
-        assert p.poll() is None, "run ended before its checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.002)
+    p = start(cmd, cache)
+    wait_for(ckpt.exists, p)
     p.send_signal(signal.SIGKILL)
     p.wait()
 

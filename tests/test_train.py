@@ -6,28 +6,10 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from helpers import REPO, launch, run_cmd, train
+from helpers import REPO, launch, losses, max_diff, metrics, run_cmd, train, weights
 
 EVAL = REPO / "data" / "sample_belle_eval.jsonl"
-
-
-def metrics(out):
-    return [json.loads(line) for line in open(out / "metrics.jsonl")]
-
-
-def losses(out):
-    return {m["step"]: m["loss"] for m in metrics(out) if "loss" in m}
-
-
-def weights(path):
-    return load_file(str(path / "model.safetensors"))
-
-
-def max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")

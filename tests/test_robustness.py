@@ -1,0 +1,293 @@
+"""Never lose a run, never fail on bad input without saying where."""
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sft_data
+from helpers import REPO, launch, max_diff, run_cmd, start, train, wait_for, weights
+
+GOOD = {"conversations": [{"from": "human", "value": "hi"}, {"from": "assistant", "value": "hello"}]}
+GOOD_LINE = json.dumps(GOOD)
+
+
+def prepare(path, tok, cache, **kw):
+    return sft_data.prepare_dataset([str(path)], tok, template="qwen2.5", max_len=2048, system_prompt=None,
+                                    cache_dir=cache, **kw)
+
+
+# --- 1. bad data -----------------------------------------------------------------------------
+
+BAD_LINES = {
+    "invalid JSON": (b'{"conversations": [}', r"invalid JSON"),
+    "not an object": (b"[1, 2]", r"record must be a JSON object, got list"),
+    "no conversation key": (b'{"text": "hello"}', r"no conversation found: expected a 'conversations' list"),
+    "unknown role": (b'{"conversations": [{"from": "robot", "value": "x"}, {"from": "assistant", "value": "y"}]}',
+                     r"conversations\[0\]: unknown role 'robot'"),
+    "value not a string": (b'{"conversations": [{"from": "human", "value": 42}, {"from": "assistant", "value": "y"}]}',
+                           r"conversations\[0\]: content must be a string, got int"),
+    "empty conversation": (b'{"conversations": []}', r"empty conversation"),
+    "no assistant turn": (b'{"conversations": [{"from": "human", "value": "q"}]}', r"conversation has no assistant turn"),
+    "starts with assistant": (b'{"conversations": [{"from": "assistant", "value": "a"}, {"from": "human", "value": "q"}]}',
+                              r"conversation starts with the assistant"),
+    "not UTF-8": (b'{"conversations": [{"from": "human", "value": "\xff\xfe"}, {"from": "assistant", "value": "a"}]}',
+                  r"bytes that are not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_LINES))
+def test_each_kind_of_bad_record_is_named_with_file_and_line(tmp_path, tiny_tok, kind):
+    line, message = BAD_LINES[kind]
+    f = tmp_path / "data.jsonl"
+    f.write_bytes(b"\n".join([GOOD_LINE.encode(), GOOD_LINE.encode(), line, GOOD_LINE.encode()]) + b"\n")
+    with pytest.raises(sft_data.DataProblems, match=rf"1 problem\(s\) in the data:\n  {f}:3: {message}"):
+        prepare(f, tiny_tok, tmp_path / "cache")
+    # --skip_invalid_samples: the other records are kept, the bad one counted
+    ds = prepare(f, tiny_tok, tmp_path / "cache", skip_invalid=True)
+    assert ds["sample_id"] == [0, 1, 3]
+
+
+def test_truncated_last_line(tmp_path, tiny_tok):
+    f = tmp_path / "data.jsonl"
+    f.write_text(GOOD_LINE + "\n" + GOOD_LINE[:25])
+    with pytest.raises(sft_data.DataProblems, match=rf"{f}:2: invalid JSON \(truncated last line\?\)"):
+        prepare(f, tiny_tok, tmp_path / "cache")
+
+
+def test_bad_record_in_a_json_array_is_named_by_index(tmp_path, tiny_tok):
+    f = tmp_path / "data.json"
+    f.write_text(json.dumps([GOOD, {"messages": [{"role": "user", "content": "q"}]}]))
+    with pytest.raises(sft_data.DataProblems, match=rf"{f}: record 1: conversation has no assistant turn"):
+        prepare(f, tiny_tok, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.jsonl", "", "empty file"),
+    ("blank.jsonl", "\n\n", "no records"),
+    ("data.csv", "a,b\n", "unsupported extension '.csv'"),
+    ("missing.jsonl", None, "no such file"),
+])
+def test_file_level_problems(tmp_path, tiny_tok, name, content, message):
+    f = tmp_path / name
+    if content is not None:
+        f.write_text(content)
+    with pytest.raises(sft_data.DataProblems, match=f"{name}: {message}"):
+        prepare(f, tiny_tok, tmp_path / "cache")
+
+
+def test_the_run_lists_the_first_20_problems_and_the_total_without_a_traceback(tmp_path, sft_cache):
+    f = tmp_path / "data.jsonl"
+    f.write_text("".join((GOOD_LINE if i % 3 else '{"text": "x"}') + "\n" for i in range(75)))
+    p = train(["--output_dir", tmp_path / "o", "--train_files", f], sft_cache, check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "25 problem(s) in the data:" in p.stderr and f"{f}:1: no conversation found" in p.stderr
+    assert "... and 5 more" in p.stderr and f"{f}:58:" in p.stderr and f"{f}:61:" not in p.stderr
+    assert "--skip_invalid_samples" in p.stderr
+    p = train(["--output_dir", tmp_path / "o2", "--train_files", f, "--skip_invalid_samples", "--max_steps", 1],
+              sft_cache)
+    assert "Skipped 25 invalid train record(s) of 75" in p.stderr
+
+
+# --- 2. crash-safe checkpoints ----------------------------------------------------------------
+
+def test_a_run_killed_while_saving_keeps_the_previous_checkpoint_and_resumes_exactly(tmp_path, sft_cache):
+    args = ["--max_steps", 6, "--save_steps", 2, "--per_device_train_batch_size", 4, "--save_total_limit", 2]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(["--output_dir", full, *args], sft_cache)
+    assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # limit 2
+
+    p = start([sys.executable, "train_loop.py", "--output_dir", cut, *args], sft_cache)
+    wait_for(lambda: (cut / ".tmp-checkpoint-4").exists(), p)  # the step-4 save has begun
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert (cut / "checkpoint-2" / "checkpoint_complete").is_file()
+    assert not (cut / "checkpoint-4").exists()
+    r = train(["--output_dir", cut, *args, "--resume_from_checkpoint", "true"], sft_cache)
+    assert "checkpoint-2 at step 2" in r.stderr
+    assert not list(cut.glob(".tmp-checkpoint-*"))  # the partial save was cleared
+    assert max_diff(weights(cut), weights(full)) == 0.0
+
+
+def test_a_directory_without_the_completion_marker_is_never_resumed(tmp_path, sft_cache):
+    out = tmp_path / "o"
+    train(["--output_dir", out, "--max_steps", 2, "--save_steps", 1], sft_cache)
+    (out / "checkpoint-2" / "checkpoint_complete").unlink()
+    r = train(["--output_dir", out, "--max_steps", 2, "--resume_from_checkpoint", "true"], sft_cache)
+    assert "checkpoint-1 at step 1" in r.stderr
+    (out / "checkpoint-2" / "checkpoint_complete").unlink()  # that run rewrote checkpoint-2 whole
+    r = train(["--output_dir", out, "--max_steps", 2, "--resume_from_checkpoint", out / "checkpoint-2"], sft_cache,
+              check=False)
+    assert r.returncode != 0 and "is not a complete checkpoint" in r.stderr
+
+
+# --- 3. preemption ----------------------------------------------------------------------------
+
+def metrics_lines(out):
+    try:
+        return sum(1 for _ in open(out / "metrics.jsonl"))
+    except FileNotFoundError:
+        return 0
+
+
+def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, sft_cache):
+    args = ["--max_steps", 40, "--per_device_train_batch_size", 4]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(["--output_dir", full, *args], sft_cache)
+    p = start([sys.executable, "train_loop.py", "--output_dir", cut, *args], sft_cache)
+    wait_for(lambda: metrics_lines(cut) >= 3, p)
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 0
+    assert time.time() - t0 < 30
+    ckpts = list(cut.glob("checkpoint-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "checkpoint_complete").is_file()
+    step = int(ckpts[0].name.split("-")[1])
+    assert 3 <= step < 40 and not (cut / "model.safetensors").exists()
+    train(["--output_dir", cut, *args, "--resume_from_checkpoint", "true"], sft_cache)
+    assert max_diff(weights(cut), weights(full)) == 0.0
+
+
+def test_sigterm_under_accelerate_launch_stops_every_process_after_a_checkpoint(tmp_path, sft_cache):
+    """Kubernetes-style: the signal goes to the launcher, which forwards it to each process."""
+    args = ["--max_steps", 300, "--per_device_train_batch_size", 4]
+    out = tmp_path / "o"
+    p = start([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/cpu_ddp.yaml",
+               "train_loop.py", "--output_dir", out, *args], sft_cache)
+    wait_for(lambda: metrics_lines(out) >= 3, p)
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=60)
+    log = p.stdout.read()
+    assert log.count("SIGTERM: stopped after step") == 2  # both processes, after the same step
+    ckpts = list(out.glob("checkpoint-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "checkpoint_complete").is_file()
+    step = int(ckpts[0].name.split("-")[1])
+    r = launch("cpu_ddp.yaml", ["--output_dir", out, *args, "--max_steps", step + 2, "--resume_from_checkpoint", "true"],
+               sft_cache)
+    assert f"at step {step}" in r.stderr and (out / "model.safetensors").is_file()
+
+
+# --- 4. non-finite loss or gradient ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def poisoned_model(tmp_path_factory, tiny_tok):
+    """A model whose embedding of <|box_start|> is NaN: exactly the samples containing it go non-finite."""
+    import transformers
+
+    config = transformers.Qwen2Config(vocab_size=832, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+                                      eos_token_id=tiny_tok.eos_token_id, pad_token_id=tiny_tok.pad_token_id)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[tiny_tok.convert_tokens_to_ids("<|box_start|>")] = float("nan")
+    out = tmp_path_factory.mktemp("poisoned") / "model"
+    model.save_pretrained(out)
+    tiny_tok.save_pretrained(out)
+    return out
+
+
+def poisoned_data(path, bad_lines):
+    with open(path, "w") as f:
+        for i in range(1, 17):
+            q = "look at <|box_start|> here" if i in bad_lines else f"question {i}"
+            f.write(json.dumps({"conversations": [{"from": "human", "value": q},
+                                                  {"from": "assistant", "value": f"answer {i}"}]}) + "\n")
+    return path
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_samples_without_saving(tmp_path, sft_cache, poisoned_model):
+    data = poisoned_data(tmp_path / "d.jsonl", {7})
+    out = tmp_path / "o"
+    p = train(["--output_dir", out, "--model_name_or_path", poisoned_model, "--train_files", data, "--max_steps", 4,
+               "--per_device_train_batch_size", 4, "--save_steps", 1, "--learning_rate", 1e-3], sft_cache, check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "non-finite loss at step" in p.stderr and f"{data}:7" in p.stderr
+    step = int(p.stderr.split("non-finite loss at step ")[1].split()[0])
+    assert (out / f"checkpoint-{step - 1}").exists() or step == 1
+    assert not (out / f"checkpoint-{step}").exists() and not (out / "model.safetensors").exists()
+
+
+def test_skip_nonfinite_steps_skips_and_counts(tmp_path, sft_cache, poisoned_model):
+    data = poisoned_data(tmp_path / "d.jsonl", {3, 11})
+    out = tmp_path / "o"
+    p = train(["--output_dir", out, "--model_name_or_path", poisoned_model, "--train_files", data, "--max_steps", 4,
+               "--per_device_train_batch_size", 4, "--learning_rate", 1e-3, "--skip_nonfinite_steps"], sft_cache)
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    skipped = [r["step"] for r in rows if r["loss"] is None]
+    assert 1 <= len(skipped) <= 2 and rows[-1]["skipped_steps"] == len(skipped)
+    assert "step skipped" in p.stderr
+    # only the poisoned embedding row is not finite; no skipped step spread NaN into the weights
+    w = weights(out)
+    bad_rows = (~torch.isfinite(w["model.embed_tokens.weight"])).any(dim=1).nonzero().flatten().tolist()
+    assert len(bad_rows) == 1
+    assert all(torch.isfinite(v).all() for k, v in w.items() if k != "model.embed_tokens.weight")
+
+
+# --- 5. trust ---------------------------------------------------------------------------------
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {Payload.marker}",))
+
+
+def test_training_state_with_arbitrary_pickle_is_refused(tmp_path, sft_cache):
+    out = tmp_path / "o"
+    train(["--output_dir", out, "--max_steps", 2, "--save_steps", 1], sft_cache)
+    Payload.marker = tmp_path / "pwned"
+    state = out / "checkpoint-2" / "training_state"
+    torch.save({"x": Payload()}, state / "random_states_0.pkl")
+    r = train(["--output_dir", out, "--max_steps", 3, "--resume_from_checkpoint", "true"], sft_cache, check=False)
+    assert r.returncode != 0 and "refusing to resume" in r.stderr
+    assert not Payload.marker.exists()
+
+
+def test_model_weights_only_from_safetensors(tmp_path, sft_cache, poisoned_model):
+    d = tmp_path / "m"
+    shutil.copytree(poisoned_model, d)
+    sd = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    torch.save(sd, d / "pytorch_model.bin")
+    r = train(["--output_dir", tmp_path / "o", "--model_name_or_path", d, "--max_steps", 1], sft_cache, check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "safetensors" in r.stderr
+
+
+def test_trust_remote_code_is_off_by_default():
+    import train_loop
+
+    model_args, _, _ = train_loop.parse_args([])
+    assert model_args.trust_remote_code is False
+
+
+# --- 6. configuration mistakes, caught before training -----------------------------------------
+
+def test_deepspeed_config_that_disagrees_with_the_flags(tmp_path, sft_cache):
+    cfg = tmp_path / "ds.yaml"
+    cfg.write_text((REPO / "configs" / "cpu_zero2.yaml").read_text().replace(
+        "  zero_stage: 2", "  zero_stage: 2\n  gradient_accumulation_steps: 4"))
+    r = run_cmd([sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg, "train_loop.py",
+                 "--output_dir", tmp_path / "o", "--gradient_accumulation_steps", "2"], sft_cache, check=False)
+    assert r.returncode != 0
+    assert "the DeepSpeed config sets gradient_accumulation_steps=4 but the flags ask for 2" in r.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_len", 100000], "--max_len 100000 is beyond the model's 4096 positions"),
+    (["--template", "llama3"], "--template llama3 needs the token '<|begin_of_text|>'"),
+    (["--bf16", "true"], "asks for bf16, but this machine has no GPU with bf16 support"),
+])
+def test_configuration_mistakes(tmp_path, sft_cache, flags, message):
+    r = train(["--output_dir", tmp_path / "o", *flags], sft_cache, check=False)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_output_dir_not_writable(tmp_path, sft_cache):
+    (tmp_path / "file").write_text("")
+    r = train(["--output_dir", tmp_path / "file" / "out"], sft_cache, check=False)
+    assert r.returncode != 0 and "is not writable" in r.stderr and "Traceback" not in r.stderr
