@@ -229,9 +229,28 @@ def prepare_dataset(files: list[str], tokenizer, *, template: str, max_len: int,
 # Which samples go into which optimizer step
 # ---------------------------------------------------------------------------------------------
 
-def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    """A global shuffle that depends on the seed and the epoch only."""
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+def epoch_order(num_samples: int, seed: int, epoch: int, global_batch_size: int = 1,
+                lengths: list[int] | None = None, window: int = 64) -> np.ndarray:
+    """A global shuffle that depends on the seed and the epoch only.
+
+    With lengths (--group_by_length): the shuffled order is cut into windows of `window` global
+    batches, each window is sorted by length, cut into global batches, and the batches are shuffled,
+    so the samples of a step have similar lengths (little padding) and the order still depends only
+    on the seed, the epoch and the global batch size."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(num_samples)
+    if lengths is None:
+        return order
+    lengths = np.asarray(lengths)
+    span = window * global_batch_size
+    for start in range(0, num_samples, span):
+        part = order[start:start + span]
+        order[start:start + span] = part[np.argsort(-lengths[part], kind="stable")]
+    batches = [order[i:i + global_batch_size] for i in range(0, num_samples, global_batch_size)]
+    # the short last batch stays last, so every other step keeps a full global batch
+    full = batches[:-1] if len(batches[-1]) < global_batch_size else batches
+    perm = rng.permutation(len(full))
+    return np.concatenate([full[i] for i in perm] + batches[len(full):])
 
 
 def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
@@ -244,15 +263,11 @@ def step_micro_batches(order: np.ndarray, step_in_epoch: int, global_batch_size:
 
     The global batch is fixed first (a slice of the epoch's order) and only then dealt out, so the
     samples in step k never depend on how the global batch is split across processes and
-    accumulation steps. The last global batch of an epoch may be short; it is dealt round-robin and
-    a micro-batch can be empty (the collator then gives a dummy row with no targets).
+    accumulation steps. It is cut into world_size x accum_steps contiguous, equal-as-possible
+    slots (slot s = micro-batch s // world_size of rank s % world_size); the last global batch
+    of an epoch may be short, so a slot can be empty (the collator then gives a dummy row).
     """
-    batch = order[step_in_epoch * global_batch_size:(step_in_epoch + 1) * global_batch_size]
+    batch = order[step_in_epoch * global_batch_size:(step_in_epoch + 1) * global_batch_size].tolist()
     slots = world_size * accum_steps
-    # slot s = (micro-batch m, rank r) with s = m * world_size + r; sample j goes to slot j % slots
-    mine = [[] for _ in range(accum_steps)]
-    for j, idx in enumerate(batch.tolist()):
-        s = j % slots
-        if s % world_size == rank:
-            mine[s // world_size].append(idx)
-    return mine
+    n = len(batch)
+    return [batch[s * n // slots:(s + 1) * n // slots] for s in range(rank, slots, world_size)]

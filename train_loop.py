@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,13 +29,15 @@ import torch
 import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator, InitProcessGroupKwargs
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
+import generate
+import plot_metrics
 import sft_data
 import templates
-from collate import collate
+from collate import collate, collate_packed
 from templates import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parent
@@ -63,13 +66,20 @@ class ModelArguments:
 class DataArguments:
     train_files: list[str] = field(default_factory=lambda: [str(REPO / "data" / "sample_belle.jsonl")], metadata={
         "help": "one or more .json/.jsonl/.parquet files"})
-    validation_files: list[str] | None = field(default=None, metadata={"help": "evaluated at each save and at the end"})
+    validation_files: list[str] | None = field(default=None, metadata={
+        "help": "held-out data, evaluated every --eval_steps and at the end (default run: data/sample_belle_eval.jsonl)"})
+    validation_split_percentage: float = field(default=0.0, metadata={
+        "help": "hold out this percentage of the training samples as validation data instead"})
     max_len: int = field(default=2048, metadata={"help": "truncate samples to this many tokens (keeps the start)"})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for tokenization"})
     preprocessing_cache_dir: str | None = field(default=None, metadata={
         "help": "where tokenized data is cached (default: $SFT_CACHE or ~/.cache/sft-loop)"})
     skip_invalid_samples: bool = field(default=False, metadata={"help": "skip bad records instead of stopping"})
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "pad batch width to a multiple (8 on GPUs)"})
+    group_by_length: bool = field(default=False, metadata={
+        "help": "put samples of similar length in the same step (within a shuffled window), so padding nearly vanishes"})
+    packing: bool = field(default=False, metadata={
+        "help": "pack the samples of each micro-batch into rows of up to --max_len tokens; attention stays within samples"})
 
 
 @dataclass
@@ -96,7 +106,22 @@ class TrainArguments:
     bf16: bool | None = field(default=None, metadata={
         "help": "bf16 mixed precision; default: as the accelerate config says, else on where the GPU has it"})
     gradient_checkpointing: bool = False
+    chunked_ce: str = field(default="auto", metadata={
+        "help": "compute the LM head and cross-entropy in chunks of tokens, so the full [tokens x vocab] logits never "
+                "exist: auto (on for vocabularies of 32k+), true, false"})
+    ce_chunk_size: int = field(default=2048, metadata={"help": "tokens per chunk for --chunked_ce"})
     logging_steps: int = 1
+    eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (default: --save_steps)"})
+    max_eval_generations: int = field(default=100, metadata={
+        "help": "held-out exact match: greedy replies to the last turn of up to N validation samples (0: off)"})
+    sample_prompts: str | None = field(default=None, metadata={
+        "help": "file of prompts (.txt lines, or conversations) to print replies for at each evaluation; "
+                "default: the first validation samples"})
+    num_sample_prompts: int = 3
+    max_new_tokens: int = field(default=64, metadata={"help": "length bound for generations during training"})
+    report_to: str = field(default="jsonl", metadata={
+        "help": "tensorboard | wandb | jsonl | none (output_dir/metrics.jsonl is always written)"})
+    plot: bool = field(default=True, metadata={"help": "draw output_dir/metrics.png at the end"})
     save_steps: int = field(default=0, metadata={"help": "save a checkpoint every N optimizer steps (0: only at the end)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={
         "help": "a checkpoint directory, or 'true' for the latest in output_dir"})
@@ -149,6 +174,16 @@ def parse_args(argv: list[str] | None = None):
             parser.error(f"--{name} must be at least 1")
     if args.learning_rate is None:
         args.learning_rate = 1e-3 if model_args.model_name_or_path is None else 2e-5
+    if args.chunked_ce not in ("auto", "true", "false"):
+        parser.error(f"--chunked_ce must be auto, true or false, not {args.chunked_ce!r}")
+    if args.report_to not in ("tensorboard", "wandb", "jsonl", "none"):
+        parser.error(f"--report_to must be tensorboard, wandb, jsonl or none, not {args.report_to!r}")
+    if args.eval_steps is None:
+        args.eval_steps = args.save_steps
+    default_train = DataArguments().train_files
+    if data_args.train_files == default_train and not data_args.validation_files and not data_args.validation_split_percentage:
+        # the default run measures what it learns on held-out conversations of the same tasks
+        data_args.validation_files = [str(REPO / "data" / "sample_belle_eval.jsonl")]
     return model_args, data_args, args
 
 
@@ -176,8 +211,77 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def chunked_token_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
+                           chunk_size: int) -> torch.Tensor:
+    """token_loss_sum over the final hidden states, applying the LM head chunk by chunk: only one
+    chunk of logits exists at a time, in forward and (recomputed) in backward. Qwen's vocabulary
+    is 151,936: 8 x 2048 tokens of fp32 logits would be about 10 GB."""
+    hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))
+    targets = labels[:, 1:].reshape(-1)
+    keep = targets != IGNORE_INDEX  # only target positions need logits at all
+    hidden, targets = hidden[keep], targets[keep]
+
+    def chunk_loss(h, t):
+        return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, targets.numel(), chunk_size):
+        total = total + torch.utils.checkpoint.checkpoint(
+            chunk_loss, hidden[i:i + chunk_size], targets[i:i + chunk_size], use_reentrant=False)
+    return total
+
+
+@contextmanager
+def hidden_states_out(model):
+    """While active, the model's output "logits" are its final hidden states: the LM head is
+    applied by the loss, in chunks. The head module stays in place (its weights, their names in
+    checkpoints, DeepSpeed's handling of them); only its forward is bypassed."""
+    head = model.get_output_embeddings()
+    head.forward = lambda h: h
+    try:
+        yield head
+    finally:
+        del head.forward  # back to the class's forward
+
+
+def forward_loss(model, batch: dict, chunk_size: int | None) -> torch.Tensor:
+    """Sum of token losses of one micro-batch (the model is called without labels)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if not chunk_size:
+        return token_loss_sum(model(**inputs).logits, batch["labels"])
+    with hidden_states_out(unwrapped(model)) as head:
+        hidden = model(**inputs).logits
+    # Same precision for the head as inside the model (bf16 under mixed precision, else as is).
+    low = hidden.dtype in (torch.bfloat16, torch.float16)
+    with torch.autocast(hidden.device.type, dtype=hidden.dtype, enabled=low):
+        return chunked_token_loss_sum(hidden, head, batch["labels"], chunk_size)
+
+
+def unwrapped(model):
+    while hasattr(model, "module"):  # DDP and DeepSpeed wrap the model
+        model = model.module
+    return model
+
+
 def num_targets(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def make_optimizer(model, args: TrainArguments) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases and norms
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optim == "sgd":
+        return torch.optim.SGD(groups, lr=args.learning_rate)
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             eps=args.adam_epsilon)
+
+
+def flops_per_token(model, max_len: int) -> float:
+    """Training FLOPs per token, for MFU: 6 per parameter (forward and backward) plus attention's
+    12 x layers x width x context (taken as max_len, an upper bound)."""
+    cfg = model.config
+    return 6 * sum(p.numel() for p in model.parameters()) + 12 * cfg.num_hidden_layers * cfg.hidden_size * max_len
 
 
 def learning_rate_at(step: int, total_steps: int, args: TrainArguments) -> float:
@@ -218,8 +322,11 @@ def make_accelerator(args: TrainArguments) -> Accelerator:
         source = "--bf16 true" if args.bf16 else "the accelerate config (mixed_precision: bf16)"
         raise SystemExit(f"error: {source} asks for bf16, but this machine has no GPU with bf16 support; "
                          "pass --bf16 false or use a config with mixed_precision: 'no'")
+    trackers = args.report_to if args.report_to in ("tensorboard", "wandb") else None
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed,
-                              kwargs_handlers=kwargs_handlers, cpu=cpu)
+                              kwargs_handlers=kwargs_handlers, cpu=cpu, log_with=trackers,
+                              project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                                                  logging_dir=str(Path(args.output_dir) / "runs")))
     if world_size > 1 and (accelerator.num_processes != world_size or accelerator.distributed_type == DistributedType.NO):
         raise SystemExit(f"error: launched {world_size} processes, but accelerate set up {accelerator.num_processes} "
                          f"({accelerator.distributed_type.value}); they would train separately. On CPU use "
@@ -416,24 +523,32 @@ def check_state_is_plain_data(state_dir: Path) -> None:
 # Batches
 # =============================================================================================
 
+def collate_fn(data_args: DataArguments, pad_id: int, attn: str):
+    if data_args.packing:
+        return partial(collate_packed, pad_id=pad_id, max_len=data_args.max_len,
+                       pad_to_multiple_of=data_args.pad_to_multiple_of, mask_4d="flash" not in attn)
+    return partial(collate, pad_id=pad_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
+
+
 def step_loader(dataset, args: TrainArguments, data_args: DataArguments, accelerator: Accelerator, pad_id: int,
-                epoch: int, first_step: int, num_steps: int):
+                epoch: int, first_step: int, num_steps: int, attn: str = "sdpa"):
     """Yields, for each optimizer step of this epoch from first_step on, this process's list of
     gradient_accumulation_steps collated micro-batches."""
     world, gas = accelerator.num_processes, args.gradient_accumulation_steps
     global_batch = args.per_device_train_batch_size * gas * world
-    order = sft_data.epoch_order(len(dataset), args.seed, epoch)
+    lengths = dataset["length"] if data_args.group_by_length else None
+    order = sft_data.epoch_order(len(dataset), args.seed, epoch, global_batch, lengths)
     micro_batches = [mb for step in range(first_step, num_steps)
                      for mb in sft_data.step_micro_batches(order, step, global_batch, accelerator.process_index, world, gas)]
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=micro_batches, num_workers=args.dataloader_num_workers,
-        collate_fn=partial(collate, pad_id=pad_id, pad_to_multiple_of=data_args.pad_to_multiple_of))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=micro_batches, num_workers=args.dataloader_num_workers,
+                                         collate_fn=collate_fn(data_args, pad_id, attn))
     it = iter(loader)
     for _ in range(first_step, num_steps):
         yield [next(it) for _ in range(gas)]
 
 
-def train_step(model, optimizer, micro_batches: list[dict], accelerator: Accelerator, args: TrainArguments) -> dict:
+def train_step(model, optimizer, micro_batches: list[dict], accelerator: Accelerator, args: TrainArguments,
+               chunk_size: int | None) -> dict:
     """One optimizer step over this process's micro-batches.
 
     Returns this process's loss sum and the step's global target count, or, when a loss or the
@@ -450,8 +565,7 @@ def train_step(model, optimizer, micro_batches: list[dict], accelerator: Acceler
         # accumulate(): DDP skips the gradient all-reduce, and DeepSpeed is told this is not a step
         # boundary, on all but the last micro-batch.
         with accelerator.accumulate(model):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            micro_loss = token_loss_sum(logits, batch["labels"])
+            micro_loss = forward_loss(model, batch, chunk_size)
             loss_sum += micro_loss.detach()
             if i == len(micro_batches) - 1:
                 # All processes decide together, before the last backward (inside which DeepSpeed
@@ -492,7 +606,8 @@ def request_stop(signum, frame) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, args: TrainArguments, data_args: DataArguments, accelerator: Accelerator, pad_id: int) -> float:
+def evaluate(model, dataset, args: TrainArguments, data_args: DataArguments, accelerator: Accelerator, pad_id: int,
+             chunk_size: int | None = None) -> float:
     """Token-weighted mean loss over the whole set, across processes."""
     model.eval()
     idx = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
@@ -506,17 +621,96 @@ def evaluate(model, dataset, args: TrainArguments, data_args: DataArguments, acc
     for b in batches:
         batch = collate([dataset[i] for i in b], pad_id=pad_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum += token_loss_sum(logits, batch["labels"])
+        loss_sum += forward_loss(model, batch, chunk_size)
         tokens += num_targets(batch["labels"])
     model.train()
     return (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(tokens, "sum").clamp(min=1)).item()
 
 
 def log_metrics(args: TrainArguments, accelerator: Accelerator, metrics: dict) -> None:
+    """One record to output_dir/metrics.jsonl, and the numbers to the --report_to tracker."""
     if accelerator.is_main_process:
         with open(Path(args.output_dir) / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
+    if args.report_to in ("tensorboard", "wandb"):
+        accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"},
+                        step=metrics["step"])
+
+
+def run_evaluation(model, tokenizer, eval_set, eval_cases, sample_cases, step: int, args: TrainArguments,
+                   data_args: DataArguments, accelerator: Accelerator) -> dict:
+    """Eval loss and perplexity, held-out exact match of greedy replies, and a few sample replies
+    printed so the user sees the model learn to answer and to stop."""
+    synced = is_zero3(accelerator)
+    metrics = {"step": step}
+    if eval_set is not None:
+        metrics["eval_loss"] = evaluate(model, eval_set, args, data_args, accelerator, tokenizer.pad_token_id,
+                                        loss_chunk_size(unwrapped(model), args, accelerator))
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    if eval_cases:
+        # generate() lives on the HF model, not on the DDP/DeepSpeed wrapper (ZeRO-3's hooks are on the model)
+        results = generate.run_cases(unwrapped(model), tokenizer, eval_cases, accelerator, args.max_new_tokens, synced)
+        metrics["eval_exact_match"] = generate.exact_match(results)
+    if sample_cases:
+        samples = generate.run_cases(unwrapped(model), tokenizer, sample_cases, accelerator, args.max_new_tokens, synced)
+        if accelerator.is_main_process:
+            with open(Path(args.output_dir) / "generations.jsonl", "a") as f:
+                for r in samples:
+                    f.write(json.dumps({"step": step, **r}, ensure_ascii=False) + "\n")
+            for r in samples:
+                expected = f"   (expected {r['expected']!r})" if r["expected"] is not None else ""
+                tqdm.write(f"[step {step}] ...{r['prompt'][-60:]!r}\n    -> {r['reply']!r}{expected}")
+    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
+    log_metrics(args, accelerator, metrics)
+    return metrics
+
+
+def held_out_cases(eval_set, tokenizer, args: TrainArguments):
+    """(exact-match cases from the validation samples, sample-generation prompts)."""
+    eval_cases = []
+    if eval_set is not None and args.max_eval_generations > 0:
+        rows = eval_set.select(range(min(len(eval_set), args.max_eval_generations)))
+        eval_cases = [c for c in (generate.case_from_row(i, l, tokenizer) for i, l in zip(rows["input_ids"], rows["labels"]))
+                      if c is not None]
+    if args.sample_prompts:
+        sample_cases = generate.cases_from_file(args.sample_prompts, tokenizer)[: args.num_sample_prompts]
+    else:
+        sample_cases = eval_cases[: args.num_sample_prompts]
+    return eval_cases, sample_cases
+
+
+def tracker_config(*dataclasses) -> dict:
+    """Flat scalar config for trackers (TensorBoard's hparams take no lists or None)."""
+    flat = {}
+    for dc in dataclasses:
+        for k, v in asdict(dc).items():
+            flat[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat
+
+
+def loss_chunk_size(model, args: TrainArguments, accelerator: Accelerator) -> int | None:
+    """Chunked cross-entropy where it helps (large vocabularies), not under ZeRO-3, whose partitioned
+    LM head is only whole inside the head's own forward."""
+    if args.chunked_ce == "false" or is_zero3(accelerator):
+        return None
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return args.ce_chunk_size if args.chunked_ce == "true" or vocab >= 32_000 else None
+
+
+def peak_flops(accelerator: Accelerator) -> float | None:
+    """Dense bf16 peak of the GPU, for MFU; None where unknown (CPUs, other GPUs)."""
+    if accelerator.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(accelerator.device)
+    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12)):
+        if key in name:
+            return flops
+    return None
+
+
+def is_zero3(accelerator: Accelerator) -> bool:
+    return (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and accelerator.state.deepspeed_plugin.zero_stage == 3)
 
 
 # =============================================================================================
@@ -550,6 +744,10 @@ def main(argv: list[str] | None = None) -> None:
             eval_set = prep(data_args.validation_files, what="validation") if data_args.validation_files else None
         except sft_data.DataProblems as e:
             raise SystemExit(f"error: {e}") from None
+    if data_args.validation_split_percentage and eval_set is None:
+        split = train_set.train_test_split(test_size=data_args.validation_split_percentage / 100, seed=args.seed)
+        train_set, eval_set = split["train"], split["test"]
+    eval_cases, sample_cases = held_out_cases(eval_set, tokenizer, args)
     steps_per_epoch = sft_data.steps_per_epoch(len(train_set), global_batch)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     log.info("%d training samples, %d steps per epoch, %d optimizer steps", len(train_set), steps_per_epoch, total_steps)
@@ -560,15 +758,11 @@ def main(argv: list[str] | None = None) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     log.info("model: %s, %.2fM parameters", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # biases and norms
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if args.optim == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=args.learning_rate)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                      eps=args.adam_epsilon)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    flops = flops_per_token(model, data_args.max_len)
+    model, optimizer = accelerator.prepare(model, make_optimizer(model, args))
+    chunk_size = loss_chunk_size(unwrapped(model), args, accelerator)
+    attn = unwrapped(model).config._attn_implementation or "eager"
+    peak = peak_flops(accelerator)
 
     global_step = 0
     if resume_dir is not None:
@@ -582,21 +776,25 @@ def main(argv: list[str] | None = None) -> None:
         log.info("resumed from %s at step %d", resume_dir, global_step)
 
     # --- the loop ---------------------------------------------------------------------------
+    accelerator.init_trackers("sft-loop", config=tracker_config(model_args, data_args, args))
+    if global_step == 0 and (eval_set is not None or sample_cases):
+        run_evaluation(model, tokenizer, eval_set, eval_cases, sample_cases, 0, args, data_args, accelerator)  # before
     model.train()
     bar = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_main_process, desc="train")
     signal.signal(signal.SIGTERM, request_stop)
     skipped_steps = state.get("skipped_steps", 0) if resume_dir is not None else 0
     stopped = False
+    last_time = time.perf_counter()
     while global_step < total_steps and not stopped:
         epoch, first = divmod(global_step, steps_per_epoch)
         last = min(steps_per_epoch, first + total_steps - global_step)
-        for micro_batches in step_loader(train_set, args, data_args, accelerator, tokenizer.pad_token_id, epoch, first, last):
-            t0 = time.perf_counter()
+        for micro_batches in step_loader(train_set, args, data_args, accelerator, tokenizer.pad_token_id, epoch, first,
+                                         last, attn):
             lr = learning_rate_at(global_step, total_steps, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in micro_batches]
-            result = train_step(model, optimizer, micro_batches, accelerator, args)
+            result = train_step(model, optimizer, micro_batches, accelerator, args, chunk_size)
             global_step += 1
 
             if "nonfinite" in result:
@@ -611,12 +809,15 @@ def main(argv: list[str] | None = None) -> None:
                 log.warning("%s: step skipped (%d so far)", msg, skipped_steps)
             # One collective for the logged numbers and for agreeing to stop on SIGTERM.
             local = [result.get("loss_sum", torch.tensor(float("nan"))).to(accelerator.device),
-                     sum(b["attention_mask"].sum() for b in micro_batches).float(),
-                     torch.tensor(float(STOP_REQUESTED), device=accelerator.device)]
-            loss_sum, tokens, stop = accelerator.reduce(torch.stack(local), "sum").tolist()
+                     sum(b["real_tokens"] for b in micro_batches).float(),
+                     torch.tensor(float(STOP_REQUESTED), device=accelerator.device),
+                     torch.tensor(float(sum(b["input_ids"].numel() for b in micro_batches)), device=accelerator.device)]
+            loss_sum, tokens, stop, padded = accelerator.reduce(torch.stack(local), "sum").tolist()
             loss = loss_sum / max(1.0, float(result["targets"])) if "targets" in result else None
             grad_norm = result.get("grad_norm")
-            dt = time.perf_counter() - t0
+            # the whole step, data loading and collation included
+            now = time.perf_counter()
+            dt, last_time = now - last_time, now
             bar.update(1)
             if loss is not None:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens / dt:.0f}")
@@ -627,17 +828,19 @@ def main(argv: list[str] | None = None) -> None:
                     with open(Path(args.output_dir) / "sample_ids.jsonl", "a") as f:
                         f.write(json.dumps({"step": global_step, "sample_ids": ids}) + "\n")
             if global_step % args.logging_steps == 0 or global_step == total_steps:
-                log_metrics(args, accelerator, {"step": global_step, "epoch": global_step / steps_per_epoch,
-                                                "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                                "target_tokens": int(result.get("targets", 0)),
-                                                "tokens_per_s": tokens / dt, "skipped_steps": skipped_steps})
+                log_metrics(args, accelerator, {
+                    "step": global_step, "epoch": global_step / steps_per_epoch, "samples_seen": global_step * global_batch,
+                    "loss": loss, "lr": lr, "grad_norm": grad_norm, "target_tokens": int(result.get("targets", 0)),
+                    "tokens_per_s": tokens / dt, "target_tokens_per_s": float(result.get("targets", 0)) / dt,
+                    "padding_efficiency": tokens / padded, "skipped_steps": skipped_steps, "step_time": dt,
+                    **({"mfu": tokens / dt * flops / (peak * world)} if peak else {})})
 
             stopped = stop = stop > 0
-            if stop or global_step == total_steps or (args.save_steps and global_step % args.save_steps == 0):
-                if eval_set is not None:
-                    eval_loss = evaluate(model, eval_set, args, data_args, accelerator, tokenizer.pad_token_id)
-                    log.info("step %d: eval loss %.4f", global_step, eval_loss)
-                    log_metrics(args, accelerator, {"step": global_step, "eval_loss": eval_loss})
+            is_last = global_step == total_steps
+            evaluating = eval_set is not None or sample_cases
+            if evaluating and not stop and (is_last or (args.eval_steps and global_step % args.eval_steps == 0)):
+                run_evaluation(model, tokenizer, eval_set, eval_cases, sample_cases, global_step, args, data_args, accelerator)
+            if stop or is_last or (args.save_steps and global_step % args.save_steps == 0):
                 state = {"global_step": global_step, "epoch": global_step // steps_per_epoch,
                          "step_in_epoch": global_step % steps_per_epoch, "samples_seen": global_step * global_batch,
                          "global_batch_size": global_batch, "seed": args.seed, "total_steps": total_steps,
@@ -649,6 +852,7 @@ def main(argv: list[str] | None = None) -> None:
                 log.warning("SIGTERM: stopped after step %d with a checkpoint; resume with --resume_from_checkpoint true",
                             global_step)
                 break
+            last_time = time.perf_counter()  # evaluation and saving are not part of the next step's time
     bar.close()
 
     # --- the final model, in HF format at the top of output_dir -------------------------------
@@ -656,6 +860,8 @@ def main(argv: list[str] | None = None) -> None:
         save_final_model(accelerator, model, tokenizer, Path(args.output_dir))
         log.info("model written to %s%s", args.output_dir,
                  f" ({skipped_steps} non-finite steps skipped)" if skipped_steps else "")
+        if args.plot and accelerator.is_main_process:
+            log.info("plot: %s", plot_metrics.plot(args.output_dir))
     # CPU DDP can hang at exit while the model and optimizer still hold process-group resources.
     del model, optimizer
     gc.collect()

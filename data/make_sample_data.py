@@ -3,8 +3,8 @@
     python data/make_sample_data.py     # rewrites data/sample_belle.jsonl and data/sample_belle_eval.jsonl
 
 The tasks are ones a tiny model can learn in minutes on a CPU, and whose answers are checkable:
-repeat, reverse, sort words, count words, add small numbers; follow-up turns refer to the
-previous answer ("now reverse that"), so the model must use the conversation, not just the last turn.
+repeat, reverse, first/last word, count words, add digits; follow-up turns refer to the previous
+answer ("now reverse that"), so the model must use the conversation, not just the last turn.
 """
 
 import json
@@ -23,24 +23,24 @@ def words(rng, pool):
 
 def first_turn(rng, zh):
     w = words(rng, ZH_WORDS if zh else EN_WORDS)
-    s = " ".join(w)
-    kind = rng.choice(["repeat", "reverse", "sort", "count", "add"])
+    # The words start a new line, as they start the answer: the same tokens, so copying is learnable.
+    s = "\n" + " ".join(w)
+    kind = rng.choice(["repeat", "reverse", "first", "count", "add"])
     if kind == "add":
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         q = f"{a} 加 {b} 等于多少？" if zh else f"What is {a} plus {b}?"
         return q, str(a + b), [str(a + b)]
     if kind == "repeat":
-        q = f"请重复：{s}" if zh else f"Repeat after me: {s}"
+        q = f"请重复：{s}" if zh else f"Repeat after me:{s}"
         return q, s, w
     if kind == "reverse":
-        q = f"把这些词倒过来：{s}" if zh else f"Reverse the words: {s}"
+        q = f"把这些词倒过来：{s}" if zh else f"Reverse the words:{s}"
         return q, " ".join(reversed(w)), list(reversed(w))
-    if kind == "sort":
-        q = f"排序这些词：{s}" if zh else f"Sort the words: {s}"
-        out = sorted(w)
-        return q, " ".join(out), out
+    if kind == "first":
+        q = f"第一个词是什么：{s}" if zh else f"What is the first word:{s}"
+        return q, w[0], [w[0]]
     n = len(w)
-    q = f"这里有几个词：{s}" if zh else f"How many words: {s}"
+    q = f"这里有几个词：{s}" if zh else f"How many words:{s}"
     return q, (f"{NUMS_ZH[n]}个" if zh else str(n)), [str(n)]
 
 
@@ -69,7 +69,7 @@ def conversation(rng):
     return {"conversations": turns}
 
 
-def main(out_dir=Path(__file__).resolve().parent, n_train=400, n_eval=48, seed=1234):
+def main(out_dir=Path(__file__).resolve().parent, n_train=3000, n_eval=100, seed=1234):
     rng = random.Random(seed)
     for name, n in (("sample_belle.jsonl", n_train), ("sample_belle_eval.jsonl", n_eval)):
         with open(out_dir / name, "w", encoding="utf-8") as f:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import sft_data
-from helpers import REPO, launch, max_diff, run_cmd, start, train, wait_for, weights
+from helpers import REPO, launch, max_diff, quick, run_cmd, start, train, wait_for, weights
 
 GOOD = {"conversations": [{"from": "human", "value": "hi"}, {"from": "assistant", "value": "hello"}]}
 GOOD_LINE = json.dumps(GOOD)
@@ -103,7 +103,7 @@ def test_a_run_killed_while_saving_keeps_the_previous_checkpoint_and_resumes_exa
     train(["--output_dir", full, *args], sft_cache)
     assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # limit 2
 
-    p = start([sys.executable, "train_loop.py", "--output_dir", cut, *args], sft_cache)
+    p = start([sys.executable, "train_loop.py", "--output_dir", cut, *quick(args)], sft_cache)
     wait_for(lambda: (cut / ".tmp-checkpoint-4").exists(), p)  # the step-4 save has begun
     p.send_signal(signal.SIGKILL)
     p.wait()
@@ -140,7 +140,7 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, sft_cache)
     args = ["--max_steps", 40, "--per_device_train_batch_size", 4]
     full, cut = tmp_path / "full", tmp_path / "cut"
     train(["--output_dir", full, *args], sft_cache)
-    p = start([sys.executable, "train_loop.py", "--output_dir", cut, *args], sft_cache)
+    p = start([sys.executable, "train_loop.py", "--output_dir", cut, *quick(args)], sft_cache)
     wait_for(lambda: metrics_lines(cut) >= 3, p)
     t0 = time.time()
     p.send_signal(signal.SIGTERM)
@@ -159,7 +159,7 @@ def test_sigterm_under_accelerate_launch_stops_every_process_after_a_checkpoint(
     args = ["--max_steps", 300, "--per_device_train_batch_size", 4]
     out = tmp_path / "o"
     p = start([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/cpu_ddp.yaml",
-               "train_loop.py", "--output_dir", out, *args], sft_cache)
+               "train_loop.py", "--output_dir", out, *quick(args)], sft_cache)
     wait_for(lambda: metrics_lines(out) >= 3, p)
     p.send_signal(signal.SIGTERM)
     p.wait(timeout=60)

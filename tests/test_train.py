@@ -30,8 +30,9 @@ def test_short_run_lowers_loss_and_saves_a_loadable_hf_model(tmp_path, sft_cache
     loss = losses(out)
     first, last = sum(loss[s] for s in range(1, 6)) / 5, sum(loss[s] for s in range(36, 41)) / 5
     assert last < first - 1.5, (first, last)
-    evals = [m["eval_loss"] for m in metrics(out) if "eval_loss" in m]
-    assert len(evals) == 2 and evals[1] < evals[0]
+    evals = [m for m in metrics(out) if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [0, 20, 40]  # before training, at each save, at the end
+    assert evals[2]["eval_loss"] < evals[1]["eval_loss"] < evals[0]["eval_loss"]
 
     for d in (out, out / "checkpoint-20", out / "checkpoint-40"):
         assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()
@@ -124,7 +125,9 @@ def test_plain_python_run_calls_loss_and_collator_in_this_process(tmp_path, sft_
     monkeypatch.setattr(train_loop, "collate", collate)
     monkeypatch.setenv("SFT_CACHE", str(sft_cache))
     try:
-        train_loop.main(["--output_dir", str(tmp_path / "o"), "--max_steps", "2", "--gradient_accumulation_steps", "2"])
+        # training data without a held-out set: only the training steps call the loss and the collator
+        train_loop.main(["--output_dir", str(tmp_path / "o"), "--max_steps", "2", "--gradient_accumulation_steps", "2",
+                         "--train_files", str(REPO / "data" / "sample_belle_eval.jsonl")])
     finally:
         AcceleratorState._reset_state(True)
     assert calls == {"loss": 4, "collate": 4}

@@ -1,0 +1,66 @@
+"""Talk with a saved model in the terminal, rendered with the chat template it was trained with.
+
+    python chat.py output/                       # greedy
+    python chat.py output/ --temperature 0.7 --top_p 0.9 --max_new_tokens 256
+
+Type a message and press Enter; the reply streams as it is generated and stops at the end-of-turn
+token. /reset starts a new conversation, /exit (or Ctrl-D) quits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import generate
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir", help="a directory written by train_loop.py (or any HF chat model directory)")
+    ap.add_argument("--system_prompt", default=None,
+                    help="system prompt (default: the one the model was trained with, as its chat template says)")
+    ap.add_argument("--max_new_tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    ap.add_argument("--top_p", type=float, default=1.0)
+    ap.add_argument("--trust_remote_code", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, logging
+
+    logging.set_verbosity_error()
+    if not (Path(args.model_dir) / "config.json").is_file():
+        raise SystemExit(f"error: {args.model_dir} is not a model directory (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=args.trust_remote_code)
+    if not tokenizer.chat_template:
+        raise SystemExit(f"error: the tokenizer in {args.model_dir} has no chat template")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, use_safetensors=True,
+                                                 trust_remote_code=args.trust_remote_code).to(device).eval()
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt is not None else []
+    history = list(system)
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            history = list(system)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        print("model> ", end="", flush=True)
+        answer = generate.generate_reply(model, tokenizer, generate.prompt_ids(tokenizer, history), args.max_new_tokens,
+                                         temperature=args.temperature, top_p=args.top_p, streamer=streamer)
+        history.append({"role": "assistant", "content": answer})
+
+
+if __name__ == "__main__":
+    main()

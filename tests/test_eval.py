@@ -1,0 +1,102 @@
+"""What a user sees of a run: eval loss and perplexity, generations, exact match, trackers, the plot, chat."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, launch, metrics, train
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, sft_cache):
+    """A shortened default run (default data, model and held-out set), evaluated before, midway and after."""
+    out = tmp_path_factory.mktemp("short") / "out"
+    p = train(["--output_dir", out, "--max_steps", 60, "--eval_steps", 30, "--max_eval_generations", 30,
+               "--report_to", "tensorboard"], sft_cache)
+    return out, p
+
+
+def test_eval_metrics_before_during_and_after(short_run):
+    out, _ = short_run
+    evals = [m for m in metrics(out) if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [0, 30, 60]
+    for m in evals:
+        assert m["eval_perplexity"] == pytest.approx(2.718281828 ** m["eval_loss"], rel=1e-6)
+        assert 0.0 <= m["eval_exact_match"] <= 1.0
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 2.0
+    train_rows = [m for m in metrics(out) if "loss" in m]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "target_tokens_per_s", "padding_efficiency", "epoch",
+                "step", "samples_seen"):
+        assert all(key in m for m in train_rows), key
+    assert all(0 < m["padding_efficiency"] <= 1 for m in train_rows)
+    assert train_rows[-1]["samples_seen"] == 60 * 8
+
+
+def test_generations_are_printed_and_logged(short_run):
+    out, p = short_run
+    gens = [json.loads(line) for line in open(out / "generations.jsonl")]
+    assert sorted({g["step"] for g in gens}) == [0, 30, 60] and len(gens) == 9
+    assert all(g["prompt"].endswith("<|im_start|>assistant\n") for g in gens)
+    # the untrained model rambles to the length bound; the trained one stops at <|im_end|>
+    first, last = [g for g in gens if g["step"] == 0], [g for g in gens if g["step"] == 60]
+    assert sum(len(g["reply"]) for g in last) < sum(len(g["reply"]) for g in first)
+    assert "[step 60]" in p.stdout + p.stderr and "-> " in p.stdout + p.stderr
+
+
+def test_tensorboard_events_and_the_plot(short_run):
+    out, _ = short_run
+    assert list((out / "runs").rglob("events.out.tfevents.*"))
+    png = out / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()
+    subprocess.run([sys.executable, "plot_metrics.py", str(out)], cwd=REPO, check=True, capture_output=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chat_streams_replies_with_the_training_template_and_stops(short_run):
+    out, _ = short_run
+    p = subprocess.run([sys.executable, "chat.py", str(out), "--max_new_tokens", "24"], cwd=REPO, capture_output=True,
+                       text=True, input="Repeat after me: sun moon\nSay that again.\n/exit\n", timeout=120)
+    assert p.returncode == 0, p.stderr
+    replies = [line[len("model> "):] for line in p.stdout.splitlines() if line.startswith("model> ")]
+    assert len(replies) == 2
+    # the same greedy reply as generate.py gives for the same conversation, rendered with the saved template
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import generate
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    msgs = [{"role": "user", "content": "Repeat after me: sun moon"}]
+    expected = generate.generate_reply(model, tok, generate.prompt_ids(tok, msgs), 24)
+    assert replies[0].strip() == expected.strip()
+    assert "<|im_end|>" not in p.stdout
+
+
+def test_sample_prompts_file_and_validation_split(tmp_path, sft_cache):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Repeat after me: cat dog\n请重复：小猫\n")
+    out = tmp_path / "out"
+    train(["--output_dir", out, "--max_steps", 4, "--validation_split_percentage", 10, "--sample_prompts", prompts,
+           "--max_new_tokens", 8, "--max_eval_generations", 5], sft_cache)
+    gens = [json.loads(line) for line in open(out / "generations.jsonl")]
+    assert [g["step"] for g in gens] == [0, 0, 4, 4]
+    assert all(g["expected"] is None for g in gens)
+    evals = [m for m in metrics(out) if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [0, 4]
+
+
+@pytest.mark.parametrize("config", ["cpu_ddp.yaml", "cpu_zero3.yaml"])
+def test_eval_loss_is_token_weighted_across_processes(tmp_path, sft_cache, config):
+    """Eval loss and exact match (greedy generation, under ZeRO-3 with synced processes) match one process."""
+    args = ["--max_steps", 2, "--eval_steps", 2, "--per_device_eval_batch_size", 3, "--max_eval_generations", 4]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(["--output_dir", one, "--per_device_train_batch_size", 8, *args], sft_cache)
+    launch(config, ["--output_dir", two, "--per_device_train_batch_size", 4, *args], sft_cache)
+    e1 = [m for m in metrics(one) if "eval_loss" in m]
+    e2 = [m for m in metrics(two) if "eval_loss" in m]
+    assert [m["step"] for m in e1] == [m["step"] for m in e2] == [0, 2]
+    for a, b in zip(e1, e2):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
+        assert b["eval_exact_match"] == a["eval_exact_match"]

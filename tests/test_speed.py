@@ -1,0 +1,122 @@
+"""The speed features change how the work is laid out, never the result."""
+
+import pytest
+import torch
+import transformers
+
+import sft_data
+import templates
+import train_loop
+from collate import collate, collate_packed
+from helpers import losses, max_diff, metrics, train, weights
+from test_data import step_sets
+
+
+def tiny_model(vocab, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return transformers.Qwen2ForCausalLM(config)
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module")
+def samples(qwen_tok):
+    convs = [[{"role": "user", "content": "word " * n}, {"role": "assistant", "content": "reply " * (3 + n % 7)},
+              {"role": "user", "content": "again?"}, {"role": "assistant", "content": "yes " * (n % 5 + 1)}]
+             for n in range(1, 40, 5)]
+    return [templates.encode(c, qwen_tok) for c in convs]
+
+
+def test_chunked_cross_entropy_equals_the_plain_one_at_qwen_vocab_size(samples, qwen_tok):
+    batch = collate(samples, pad_id=qwen_tok.pad_token_id)
+    results = []
+    for chunk in (None, 37):  # a chunk size that does not divide the number of targets
+        model = tiny_model(151936)
+        loss = train_loop.forward_loss(model, batch, chunk)
+        loss.backward()
+        results.append((loss.detach(), grads(model)))
+    (plain, g_plain), (chunked, g_chunked) = results
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert g_plain.keys() == g_chunked.keys()
+    for k in g_plain:
+        torch.testing.assert_close(g_chunked[k], g_plain[k], rtol=1e-4, atol=1e-7)
+    # the model is whole again afterwards: its logits are logits, not hidden states
+    assert model(input_ids=batch["input_ids"][:1, :4]).logits.shape[-1] == 151936
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_and_gradients_equal_unpacked(samples, qwen_tok, attn):
+    results = []
+    for batch in (collate(samples, pad_id=qwen_tok.pad_token_id),
+                  collate_packed(samples, pad_id=qwen_tok.pad_token_id, max_len=160)):
+        model = tiny_model(151936)
+        model.config._attn_implementation = attn
+        loss = train_loop.forward_loss(model, batch, None)
+        loss.backward()
+        results.append((loss.detach(), grads(model), batch))
+    (plain, g_plain, b_plain), (packed, g_packed, b_packed) = results
+    assert b_packed["input_ids"].shape[0] < b_plain["input_ids"].shape[0]  # fewer rows
+    assert b_packed["real_tokens"] == b_plain["real_tokens"] == b_plain["attention_mask"].sum()
+    assert packed.item() == pytest.approx(plain.item(), rel=1e-5)
+    for k in g_plain:
+        torch.testing.assert_close(g_packed[k], g_plain[k], rtol=1e-3, atol=1e-6)
+
+
+def test_packing_layout(qwen_tok):
+    s = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]},
+         {"input_ids": [6, 7, 8, 9], "labels": [-100, 7, 8, 9]}]
+    b = collate_packed(s, pad_id=0, max_len=6)
+    assert b["input_ids"].tolist() == [[6, 7, 8, 9, 4, 5], [1, 2, 3, 0, 0, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
+    assert b["labels"].tolist() == [[-100, 7, 8, 9, -100, 5], [-100, 2, 3, -100, -100, -100]]
+    mask = b["attention_mask"][0, 0] == 0  # attended positions
+    assert mask[5].tolist() == [False, False, False, False, True, True]  # sample 2 sees only itself
+    assert mask[3].tolist() == [True, True, True, True, False, False]
+
+
+def test_group_by_length_keeps_composition_split_independent_and_groups_lengths():
+    rng = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 500, (203,), generator=rng).tolist()
+    gb = 8
+    order = sft_data.epoch_order(203, 3, 0, gb, lengths)
+    assert sorted(order.tolist()) == list(range(203))
+    # similar lengths in a step: far less spread than in a plain shuffled step
+    def spread(o):
+        batches = [o[i:i + gb] for i in range(0, 200, gb)]
+        return sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches)
+    assert spread(order.tolist()) < 0.25 * spread(sft_data.epoch_order(203, 3, 0).tolist())
+    # and the steps' samples still do not depend on the split
+    def sets(per_device, accum, world):
+        out = []
+        for step in range(sft_data.steps_per_epoch(203, gb)):
+            mbs = [sft_data.step_micro_batches(order, step, gb, r, world, accum) for r in range(world)]
+            out.append(sorted(i for rank in mbs for mb in rank for i in mb))
+        return out
+    assert sets(8, 1, 1) == sets(2, 2, 2) == sets(1, 4, 2)
+    assert step_sets  # the plain order's split-independence is tested in test_data
+
+
+def test_packing_and_chunked_loss_give_the_same_run(tmp_path, sft_cache):
+    args = ["--max_steps", 3, "--optim", "sgd", "--learning_rate", 0.5, "--lr_scheduler_type", "constant",
+            "--log_sample_ids"]
+    plain, fast = tmp_path / "plain", tmp_path / "fast"
+    train(["--output_dir", plain, *args], sft_cache)
+    train(["--output_dir", fast, *args, "--packing", "--max_len", 512, "--chunked_ce", "true", "--ce_chunk_size", 16],
+          sft_cache)
+    assert max_diff(weights(fast), weights(plain)) < 1e-5
+    for step, loss in losses(plain).items():
+        assert losses(fast)[step] == pytest.approx(loss, rel=1e-5)
+    eff = lambda out: [m["padding_efficiency"] for m in metrics(out) if "padding_efficiency" in m]
+    assert min(eff(fast)) > max(eff(plain))
+
+
+def test_group_by_length_run_pads_less(tmp_path, sft_cache):
+    plain, grouped = tmp_path / "plain", tmp_path / "grouped"
+    train(["--output_dir", plain, "--max_steps", 20], sft_cache)
+    train(["--output_dir", grouped, "--max_steps", 20, "--group_by_length"], sft_cache)
+    eff = lambda out: sum(m["padding_efficiency"] for m in metrics(out) if "padding_efficiency" in m) / 20
+    assert eff(grouped) > eff(plain) + 0.05
