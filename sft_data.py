@@ -43,11 +43,11 @@ def check_files(files: list[str]) -> list[Path]:
     return paths
 
 
-def _json_records(path: Path) -> tuple[list[str], list[str], list[str]]:
+def _json_records(path: Path) -> tuple[list[str], list[str]]:
     """Plain-Python reading of a JSON/JSONL file, for when the fast reader fails: each record as
-    JSON text ("" if it could not be read), the reason it could not be read ("" if fine), and its
-    location. Rows are the file's non-blank lines (JSONL) or the array's records (JSON), as in
-    the fast reader, so row numbers mean the same in both."""
+    JSON text ("" if it could not be read) and the reason it could not be read ("" if fine). Rows
+    are the file's non-blank lines (JSONL) or the array's records (JSON), as in the fast reader,
+    so row numbers (and _row_locations) mean the same in both."""
     raw = path.read_bytes()
     if path.suffix.lower() == ".json" and raw.lstrip()[:1] == b"[":
         try:
@@ -57,14 +57,12 @@ def _json_records(path: Path) -> tuple[list[str], list[str], list[str]]:
             raise DataProblems(f"{path}:{line}: bytes that are not UTF-8 (byte offset {e.start})") from None
         except json.JSONDecodeError as e:
             raise DataProblems(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        return ([json.dumps(r) for r in records], [""] * len(records),
-                [f"{path}: record {i}" for i in range(len(records))])
+        return [json.dumps(r) for r in records], [""] * len(records)
     lines = raw.split(b"\n")
-    texts, errors, where = [], [], []
+    texts, errors = [], []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        where.append(f"{path}:{n}")
         try:
             text = line.decode("utf-8")
             json.loads(text)
@@ -79,7 +77,7 @@ def _json_records(path: Path) -> tuple[list[str], list[str], list[str]]:
             continue
         texts.append(text)
         errors.append("")
-    return texts, errors, where
+    return texts, errors
 
 
 def _is_utf8(path: Path) -> bool:
@@ -125,7 +123,7 @@ def load_file(path: Path, file_idx: int, cache_dir: Path) -> datasets.Dataset:
         if kind != "json":
             first = str(e).splitlines()[0] if str(e) else ""
             raise DataProblems(f"{path}: could not be read: {type(e).__name__}: {first}") from None
-        texts, errors, _ = _json_records(path)
+        texts, errors = _json_records(path)
         ds = datasets.Dataset.from_dict({"_raw": texts, "_read_error": errors})
     if len(ds) == 0:
         raise DataProblems(f"{path}: no records")
