@@ -547,6 +547,10 @@ def step_loader(dataset, args: TrainArguments, data_args: DataArguments, acceler
         yield [next(it) for _ in range(gas)]
 
 
+# =============================================================================================
+# One optimizer step, and stopping (non-finite steps, SIGTERM)
+# =============================================================================================
+
 def train_step(model, optimizer, micro_batches: list[dict], accelerator: Accelerator, args: TrainArguments,
                chunk_size: int | None) -> dict:
     """One optimizer step over this process's micro-batches.
@@ -604,6 +608,10 @@ def request_stop(signum, frame) -> None:
     global STOP_REQUESTED
     STOP_REQUESTED = True
 
+
+# =============================================================================================
+# Evaluation and metrics
+# =============================================================================================
 
 @torch.no_grad()
 def evaluate(model, dataset, args: TrainArguments, data_args: DataArguments, accelerator: Accelerator, pad_id: int,

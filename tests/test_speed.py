@@ -9,7 +9,6 @@ import templates
 import train_loop
 from collate import collate, collate_packed
 from helpers import losses, max_diff, metrics, train, weights
-from test_data import step_sets
 
 
 def tiny_model(vocab, seed=0):
@@ -97,7 +96,6 @@ def test_group_by_length_keeps_composition_split_independent_and_groups_lengths(
             out.append(sorted(i for rank in mbs for mb in rank for i in mb))
         return out
     assert sets(8, 1, 1) == sets(2, 2, 2) == sets(1, 4, 2)
-    assert step_sets  # the plain order's split-independence is tested in test_data
 
 
 def test_packing_and_chunked_loss_give_the_same_run(tmp_path, sft_cache):
