@@ -591,10 +591,15 @@ def train_step(model, optimizer, micro_batches: list[dict], accelerator: Acceler
     return {"loss_sum": loss_sum, "targets": step_targets, "grad_norm": grad_norm}
 
 
+def step_sample_ids(micro_batches: list[dict]) -> list[int]:
+    """The ids of this step's samples on all processes (a collective: every process calls it)."""
+    ids = [i for b in micro_batches for i in b["sample_id"].tolist()]
+    return sorted(i for part in gather_object([ids]) for i in part)
+
+
 def describe_samples(dataset, micro_batches: list[dict], paths: list[Path]) -> str:
     """Where this step's samples come from (file:line), gathered from all processes."""
-    ids = [i for b in micro_batches for i in b["sample_id"].tolist()]
-    ids = set(i for part in gather_object([ids]) for i in part)
+    ids = set(step_sample_ids(micro_batches))
     rows = dataset.filter(lambda sid: sid in ids, input_columns=["sample_id"])
     locations = {}
     return ", ".join(sft_data.locate(paths, f, r, locations) for f, r in zip(rows["_file"], rows["_row"]))
@@ -830,8 +835,7 @@ def main(argv: list[str] | None = None) -> None:
             if loss is not None:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}", tok_s=f"{tokens / dt:.0f}")
             if args.log_sample_ids:
-                ids = [i for b in micro_batches for i in b["sample_id"].tolist()]
-                ids = sorted(i for part in gather_object([ids]) for i in part)
+                ids = step_sample_ids(micro_batches)
                 if accelerator.is_main_process:
                     with open(Path(args.output_dir) / "sample_ids.jsonl", "a") as f:
                         f.write(json.dumps({"step": global_step, "sample_ids": ids}) + "\n")
