@@ -143,9 +143,9 @@ def _report(problems: list[str]) -> str:
 def _encode_batch(batch, tokenizer, template, max_len, system_prompt):
     n = len(batch["_row"])
     fields = [k for k in batch if k not in ("_raw", "_read_error", "_file", "_row")]
+    raws, read_errors = batch.get("_raw", [None] * n), batch.get("_read_error", [None] * n)
     convs, errors = [], []
-    for i in range(n):
-        raw, read_error = batch.get("_raw", [None] * n)[i], batch.get("_read_error", [None] * n)[i]
+    for i, (raw, read_error) in enumerate(zip(raws, read_errors)):
         try:
             if read_error:
                 raise DataError(read_error)
@@ -169,16 +169,19 @@ def _encode_batch(batch, tokenizer, template, max_len, system_prompt):
     return out
 
 
-def _fingerprint(paths, tokenizer, template, max_len, system_prompt) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        st = p.stat()
-        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    h.update(tokenizer.backend_tokenizer.to_str().encode())
+def _settings_hash(tokenizer, template, max_len, system_prompt) -> str:
+    """Everything but the file that decides the tokenized result (the tokenizer is serialised
+    once per call: Qwen's is 11 MB)."""
+    h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
     h.update(json.dumps([template, max_len, system_prompt, templates.chat_template_for(template, tokenizer, system_prompt)]).encode())
     for src in (templates.__file__, __file__):  # a change to the labelling code invalidates the cache
         h.update(Path(src).read_bytes())
-    return h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+def _fingerprint(path: Path, settings: str) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{settings}".encode()).hexdigest()[:16]
 
 
 def prepare_dataset(files: list[str], tokenizer, *, template: str, max_len: int, system_prompt: str | None,
@@ -189,12 +192,13 @@ def prepare_dataset(files: list[str], tokenizer, *, template: str, max_len: int,
     paths = check_files(files)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    settings = _settings_hash(tokenizer, template, max_len, system_prompt)
     parts = []
     for i, p in enumerate(paths):
         # Each file is tokenized (and cached) on its own: files of different record shapes have
         # different columns, and only the tokenized columns are common to all.
         raw = load_file(p, i, cache_dir)
-        key = _fingerprint([p], tokenizer, template, max_len, system_prompt)
+        key = _fingerprint(p, settings)
         parts.append(raw.map(
             _encode_batch, batched=True, batch_size=1000, num_proc=num_proc if num_proc and num_proc > 1 else None,
             remove_columns=[c for c in raw.column_names if c not in ("_file", "_row")],

@@ -651,14 +651,13 @@ def log_metrics(args: TrainArguments, accelerator: Accelerator, metrics: dict) -
 
 
 def run_evaluation(model, tokenizer, eval_set, eval_cases, sample_cases, step: int, args: TrainArguments,
-                   data_args: DataArguments, accelerator: Accelerator) -> dict:
+                   data_args: DataArguments, accelerator: Accelerator, chunk_size: int | None) -> dict:
     """Eval loss and perplexity, held-out exact match of greedy replies, and a few sample replies
     printed so the user sees the model learn to answer and to stop."""
     synced = is_zero3(accelerator)
     metrics = {"step": step}
     if eval_set is not None:
-        metrics["eval_loss"] = evaluate(model, eval_set, args, data_args, accelerator, tokenizer.pad_token_id,
-                                        loss_chunk_size(unwrapped(model), args, accelerator))
+        metrics["eval_loss"] = evaluate(model, eval_set, args, data_args, accelerator, tokenizer.pad_token_id, chunk_size)
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     if eval_cases:
         # generate() lives on the HF model, not on the DDP/DeepSpeed wrapper (ZeRO-3's hooks are on the model)
@@ -791,7 +790,8 @@ def main(argv: list[str] | None = None) -> None:
     # --- the loop ---------------------------------------------------------------------------
     accelerator.init_trackers("sft-loop", config=tracker_config(model_args, data_args, args))
     if global_step == 0 and (eval_set is not None or sample_cases):
-        run_evaluation(model, tokenizer, eval_set, eval_cases, sample_cases, 0, args, data_args, accelerator)  # before
+        run_evaluation(model, tokenizer, eval_set, eval_cases, sample_cases, 0, args, data_args, accelerator,
+                       chunk_size)  # before training
     model.train()
     bar = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_main_process, desc="train")
     signal.signal(signal.SIGTERM, request_stop)
@@ -851,7 +851,8 @@ def main(argv: list[str] | None = None) -> None:
             is_last = global_step == total_steps
             evaluating = eval_set is not None or sample_cases
             if evaluating and not stop and (is_last or (args.eval_steps and global_step % args.eval_steps == 0)):
-                run_evaluation(model, tokenizer, eval_set, eval_cases, sample_cases, global_step, args, data_args, accelerator)
+                run_evaluation(model, tokenizer, eval_set, eval_cases, sample_cases, global_step, args, data_args,
+                               accelerator, chunk_size)
             if stop or is_last or (args.save_steps and global_step % args.save_steps == 0):
                 state = {"global_step": global_step, "epoch": global_step // steps_per_epoch,
                          "step_in_epoch": global_step % steps_per_epoch, "samples_seen": global_step * global_batch,

@@ -79,7 +79,6 @@ def tokenized(data: Path, tok, max_len: int):
 def run_trainer(rows, tok, steps: int, per_device: int, group_by_length: bool, static_len: int | None) -> dict:
     """transformers.Trainer as a user would set it up; static_len pads every sample (the chapter)."""
     import datasets
-    import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     import train_loop
@@ -118,7 +117,6 @@ def run_trainer(rows, tok, steps: int, per_device: int, group_by_length: bool, s
                                   dataloader_num_workers=0, use_cpu=True,
                                   disable_tqdm=True, remove_unused_columns=False)
         Trainer(model=model, args=targs, train_dataset=ds, data_collator=collator, callbacks=[clock]).train()
-    torch.set_num_threads(torch.get_num_threads())
     # the collator runs one batch ahead of the step; the count lag is one batch at both ends, so it cancels
     return {"target_tok_s": clock.n["targets"] / clock.t, "padding_eff": clock.n["real"] / clock.n["padded"]}
 
