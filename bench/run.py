@@ -55,9 +55,33 @@ def belle_like(n: int, seed: int = 0) -> list[dict]:
 # training throughput
 # ----------------------------------------------------------------------------------------------
 
-def run_ours(data: Path, out: Path, steps: int, per_device: int, max_len: int, extra: list[str]) -> dict:
+def bench_model(tok, where: Path) -> Path:
+    """A 3M-parameter Qwen2 (width 256, 4 layers), saved once so every contender trains the same
+    weights. Not the default tiny model (0.46M): on one that small, Python's per-step costs would
+    weigh more than on any real model, and the comparison would say less."""
+    import torch
+    import transformers
+
+    torch.manual_seed(42)
+    config = transformers.Qwen2Config(
+        vocab_size=-(-len(tok) // 64) * 64, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=None,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(where)
+    tok.save_pretrained(where)
+    return where
+
+
+def load_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+
+
+def run_ours(data: Path, model_dir: Path, out: Path, steps: int, per_device: int, max_len: int, extra: list[str]) -> dict:
     env = {**os.environ, "TQDM_DISABLE": "1", "SFT_CACHE": str(out.parent / "cache")}
     cmd = [sys.executable, str(REPO / "train_loop.py"), "--output_dir", str(out), "--train_files", str(data),
+           "--model_name_or_path", str(model_dir),
            "--max_steps", str(steps), "--per_device_train_batch_size", str(per_device), "--max_len", str(max_len),
            "--max_eval_generations", "0", "--plot", "false", *extra]
     subprocess.run(cmd, check=True, env=env, capture_output=True)
@@ -76,12 +100,11 @@ def tokenized(data: Path, tok, max_len: int):
         return ds.select_columns(["input_ids", "labels"]).with_format(None).to_list()
 
 
-def run_trainer(rows, tok, steps: int, per_device: int, group_by_length: bool, static_len: int | None) -> dict:
+def run_trainer(rows, tok, model_dir: Path, steps: int, per_device: int, group_by_length: bool,
+                static_len: int | None) -> dict:
     """transformers.Trainer as a user would set it up; static_len pads every sample (the chapter)."""
     import datasets
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
-
-    import train_loop
 
     if static_len:  # the chapter: pad every sample to max_len, mask from input_ids != pad_id
         rows = [{"input_ids": r["input_ids"] + [tok.pad_token_id] * (static_len - len(r["input_ids"])),
@@ -109,7 +132,7 @@ def run_trainer(rows, tok, steps: int, per_device: int, group_by_length: bool, s
             self.n = {k: counted[k] - self.c0[k] for k in counted}
 
     clock = Clock()
-    model = train_loop.tiny_qwen2(len(tok), tok)
+    model = load_model(model_dir)
     with tempfile.TemporaryDirectory() as d:
         targs = TrainingArguments(output_dir=d, per_device_train_batch_size=per_device, max_steps=steps,
                                   learning_rate=1e-3, report_to="none", save_strategy="no", logging_steps=10**9,
@@ -121,7 +144,7 @@ def run_trainer(rows, tok, steps: int, per_device: int, group_by_length: bool, s
     return {"target_tok_s": clock.n["targets"] / clock.t, "padding_eff": clock.n["real"] / clock.n["padded"]}
 
 
-def run_bare(rows, tok, steps: int, per_device: int) -> dict:
+def run_bare(rows, tok, model_dir: Path, steps: int, per_device: int) -> dict:
     """The floor for loop overhead: forward, loss, backward, clip, step over our very batches, nothing else."""
     import numpy as np
     import torch
@@ -133,8 +156,7 @@ def run_bare(rows, tok, steps: int, per_device: int) -> dict:
     order = sft_data.epoch_order(len(rows), 42, 0)
     batches = [collate([rows[i] for i in sft_data.step_micro_batches(order, s, per_device, 0, 1, 1)[0]],
                        pad_id=tok.pad_token_id) for s in range(steps)]
-    torch.manual_seed(42)
-    model = train_loop.tiny_qwen2(len(tok), tok)
+    model = load_model(model_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     targets, t0 = 0, None
     for s, b in enumerate(batches):
@@ -161,18 +183,19 @@ def bench_train(args) -> dict:
     data = work / "belle_like.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in belle_like(args.samples)))
     rows = tokenized(data, tok, args.max_len)
+    m = bench_model(tok, work / "model")
     runs = {
-        "Trainer, padding=longest": lambda: run_trainer(rows, tok, args.steps, args.per_device, False, None),
+        "Trainer, padding=longest": lambda: run_trainer(rows, tok, m, args.steps, args.per_device, False, None),
         "Trainer, padding=longest, group_by_length":
-            lambda: run_trainer(rows, tok, args.steps, args.per_device, True, None),
+            lambda: run_trainer(rows, tok, m, args.steps, args.per_device, True, None),
         "chapter recipe (Trainer, static padding)":
-            lambda: run_trainer(rows, tok, args.chapter_steps, args.per_device, False, args.max_len),
-        "bare PyTorch loop (same batches)": lambda: run_bare(rows, tok, args.steps, args.per_device),
-        "ours": lambda: run_ours(data, work / "ours", args.steps, args.per_device, args.max_len, []),
+            lambda: run_trainer(rows, tok, m, args.chapter_steps, args.per_device, False, args.max_len),
+        "bare PyTorch loop (same batches)": lambda: run_bare(rows, tok, m, args.steps, args.per_device),
+        "ours": lambda: run_ours(data, m, work / "ours", args.steps, args.per_device, args.max_len, []),
         "ours --group_by_length":
-            lambda: run_ours(data, work / "gbl", args.steps, args.per_device, args.max_len, ["--group_by_length"]),
+            lambda: run_ours(data, m, work / "gbl", args.steps, args.per_device, args.max_len, ["--group_by_length"]),
         "ours --packing":
-            lambda: run_ours(data, work / "pack", args.steps, args.per_device, args.max_len, ["--packing"]),
+            lambda: run_ours(data, m, work / "pack", args.steps, args.per_device, args.max_len, ["--packing"]),
     }
     res = {}
     for name, fn in runs.items():

@@ -10,9 +10,10 @@ from helpers import REPO, launch, metrics, train
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory, sft_cache):
-    """A shortened default run (default data, model and held-out set), evaluated before, midway and after."""
+    """The default run (default data, model, recipe and held-out set) shortened from 2,532 to 1,000
+    steps, evaluated before, midway and after."""
     out = tmp_path_factory.mktemp("short") / "out"
-    p = train(["--output_dir", out, "--max_steps", 60, "--eval_steps", 30, "--max_eval_generations", 30,
+    p = train(["--output_dir", out, "--max_steps", 1000, "--eval_steps", 500, "--max_eval_generations", 100,
                "--report_to", "tensorboard"], sft_cache)
     return out, p
 
@@ -20,28 +21,36 @@ def short_run(tmp_path_factory, sft_cache):
 def test_eval_metrics_before_during_and_after(short_run):
     out, _ = short_run
     evals = [m for m in metrics(out) if "eval_loss" in m]
-    assert [m["step"] for m in evals] == [0, 30, 60]
+    assert [m["step"] for m in evals] == [0, 500, 1000]
     for m in evals:
         assert m["eval_perplexity"] == pytest.approx(2.718281828 ** m["eval_loss"], rel=1e-6)
-        assert 0.0 <= m["eval_exact_match"] <= 1.0
-    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 2.0
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 4.0
     train_rows = [m for m in metrics(out) if "loss" in m]
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "target_tokens_per_s", "padding_efficiency", "epoch",
                 "step", "samples_seen"):
         assert all(key in m for m in train_rows), key
     assert all(0 < m["padding_efficiency"] <= 1 for m in train_rows)
-    assert train_rows[-1]["samples_seen"] == 60 * 8
+    assert train_rows[-1]["samples_seen"] == 1000 * 32
+
+
+def test_the_shortened_default_run_learns_to_answer_held_out_conversations(short_run):
+    """Greedy replies to the last turn of the 100 held-out conversations, compared whole: the untrained
+    model gets none right; 1,000 steps get a clear share (the full default run gets >= 90%)."""
+    out, _ = short_run
+    em = [m["eval_exact_match"] for m in metrics(out) if "eval_loss" in m]
+    assert em[0] <= 0.02
+    assert em[-1] >= 0.2 and em[-1] > em[1]
 
 
 def test_generations_are_printed_and_logged(short_run):
     out, p = short_run
     gens = [json.loads(line) for line in open(out / "generations.jsonl")]
-    assert sorted({g["step"] for g in gens}) == [0, 30, 60] and len(gens) == 9
+    assert sorted({g["step"] for g in gens}) == [0, 500, 1000] and len(gens) == 9
     assert all(g["prompt"].endswith("<|im_start|>assistant\n") for g in gens)
     # the untrained model rambles to the length bound; the trained one stops at <|im_end|>
-    first, last = [g for g in gens if g["step"] == 0], [g for g in gens if g["step"] == 60]
+    first, last = [g for g in gens if g["step"] == 0], [g for g in gens if g["step"] == 1000]
     assert sum(len(g["reply"]) for g in last) < sum(len(g["reply"]) for g in first)
-    assert "[step 60]" in p.stdout + p.stderr and "-> " in p.stdout + p.stderr
+    assert "[step 1000]" in p.stdout + p.stderr and "-> " in p.stdout + p.stderr
 
 
 def test_tensorboard_events_and_the_plot(short_run):
