@@ -2,6 +2,7 @@
 
     python bench/run.py                      # all three, a few minutes on 2 CPU cores
     python bench/run.py --only train|preprocess|memory [--steps 30 --per_device 8]
+    python bench/run.py --only overhead --repeats 3   # our loop vs the bare loop alone, best of 3
 
 train       target tokens/s of: our loop (plain, --group_by_length, --packing); transformers.Trainer
             with DataCollatorForSeq2Seq(padding="longest"), group_by_length off and on; the chapter's
@@ -175,15 +176,34 @@ def run_bare(rows, tok, model_dir: Path, steps: int, per_device: int) -> dict:
             "padding_eff": float(np.mean([b["real_tokens"] / b["input_ids"].numel() for b in batches[2:]]))}
 
 
-def bench_train(args) -> dict:
+def train_setup(args):
+    """The bench data, its tokenized rows, the tokenizer and the saved model, in a fresh work dir."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(REPO / "assets" / "tiny-qwen-tokenizer")
     work = Path(tempfile.mkdtemp(prefix="sft-bench-"))
     data = work / "belle_like.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in belle_like(args.samples)))
-    rows = tokenized(data, tok, args.max_len)
-    m = bench_model(tok, work / "model")
+    return work, data, tokenized(data, tok, args.max_len), tok, bench_model(tok, work / "model")
+
+
+def bench_overhead(args) -> dict:
+    """Our loop against the bare loop only, alternating, best of --repeats: on a shared machine one
+    run of each differs by 10-15% from the next run of the same code, more than the overhead."""
+    work, data, rows, tok, m = train_setup(args)
+    best = {"bare": 0.0, "ours": 0.0}
+    for r in range(args.repeats):
+        bare = run_bare(rows, tok, m, args.steps, args.per_device)["target_tok_s"]
+        ours = run_ours(data, m, work / f"ours{r}", args.steps, args.per_device, args.max_len, [])["target_tok_s"]
+        print(f"  repeat {r + 1}: bare {bare:.0f}, ours {ours:.0f} target tok/s ({bare / ours - 1:+.1%})", flush=True)
+        best = {"bare": max(best["bare"], bare), "ours": max(best["ours"], ours)}
+    print(f"\nloop overhead, best of {args.repeats} ({args.steps} steps each): bare {best['bare']:.0f}, "
+          f"ours {best['ours']:.0f} target tok/s: {best['bare'] / best['ours'] - 1:+.1%}")
+    return best
+
+
+def bench_train(args) -> dict:
+    work, data, rows, tok, m = train_setup(args)
     runs = {
         "Trainer, padding=longest": lambda: run_trainer(rows, tok, m, args.steps, args.per_device, False, None),
         "Trainer, padding=longest, group_by_length":
@@ -323,7 +343,8 @@ def bench_memory(args) -> dict:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["train", "preprocess", "memory"])
+    ap.add_argument("--only", choices=["train", "overhead", "preprocess", "memory"])
+    ap.add_argument("--repeats", type=int, default=3, help="for --only overhead")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--chapter_steps", type=int, default=8)
     ap.add_argument("--per_device", type=int, default=8)
@@ -334,3 +355,5 @@ if __name__ == "__main__":
     for name, fn in (("train", bench_train), ("preprocess", bench_preprocess), ("memory", bench_memory)):
         if a.only in (None, name):
             fn(a)
+    if a.only == "overhead":
+        bench_overhead(a)
