@@ -157,7 +157,7 @@ def run_bare(rows, tok, model_dir: Path, steps: int, per_device: int) -> dict:
     order = sft_data.epoch_order(len(rows), 42, 0)
     batches = [collate([rows[i] for i in sft_data.step_micro_batches(order, s, per_device, 0, 1, 1)[0]],
                        pad_id=tok.pad_token_id) for s in range(steps)]
-    model = load_model(model_dir)
+    model = load_model(model_dir).train()  # from_pretrained returns it in eval mode
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     targets, t0 = 0, None
     for s, b in enumerate(batches):
@@ -188,8 +188,9 @@ def train_setup(args):
 
 
 def bench_overhead(args) -> dict:
-    """Our loop against the bare loop only, alternating, best of --repeats: on a shared machine one
-    run of each differs by 10-15% from the next run of the same code, more than the overhead."""
+    """Our loop against the bare loop only, alternating, best of --repeats: on a shared machine
+    one run of either can differ by up to 15% from the next run of the same code, more than the
+    overhead itself."""
     work, data, rows, tok, m = train_setup(args)
     best = {"bare": 0.0, "ours": 0.0}
     for r in range(args.repeats):
