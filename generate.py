@@ -28,16 +28,24 @@ def case_from_row(input_ids: list[int], labels: list[int], tokenizer) -> tuple[l
 
 
 def cases_from_file(path: str, tokenizer) -> list[tuple[list[int], str | None]]:
-    """Prompts from a .txt file (one user message a line) or a data file of any record shape, whose
-    last assistant turn, if there is one, is the expected reply."""
+    """Prompts from a .txt file (one user message a line) or a JSON Lines file (.jsonl, or .json
+    with a record a line, as Belle's) of records of any shape, whose last assistant turn, if there
+    is one, is the expected reply."""
     p = Path(path)
     if not p.is_file():
         raise SystemExit(f"error: --sample_prompts {path}: no such file")
+    if p.suffix not in (".txt", ".jsonl", ".json"):
+        raise SystemExit(f"error: --sample_prompts {path}: expected a .txt file (one message a line) or a "
+                         ".jsonl/.json file (one record a line)")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: --sample_prompts {path}: bytes that are not UTF-8 (byte offset {e.start})") from None
     if p.suffix == ".txt":
-        convs = [[{"role": "user", "content": x}] for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+        convs = [[{"role": "user", "content": x}] for x in lines if x.strip()]
     else:
         convs = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(lines, 1):
             if line.strip():
                 try:
                     convs.append(templates.to_messages(json.loads(line)))

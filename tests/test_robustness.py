@@ -281,6 +281,7 @@ def test_deepspeed_config_that_disagrees_with_the_flags(tmp_path, sft_cache):
     (["--max_len", 100000], "--max_len 100000 is beyond the model's 4096 positions"),
     (["--template", "llama3"], "--template llama3 needs the token '<|begin_of_text|>'"),
     (["--bf16", "true"], "asks for bf16, but this machine has no GPU with bf16 support"),
+    (["--sample_prompts", REPO / "README.md"], "expected a .txt file (one message a line) or a .jsonl/.json file"),
 ])
 def test_configuration_mistakes(tmp_path, sft_cache, flags, message):
     r = train(["--output_dir", tmp_path / "o", *flags], sft_cache, check=False)
