@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import generate
+import evaluation
 
 
 def main(argv=None) -> None:
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
             continue
         history.append({"role": "user", "content": line})
         print("model> ", end="", flush=True)
-        answer = generate.generate_reply(model, tokenizer, generate.prompt_ids(tokenizer, history), args.max_new_tokens,
+        answer = evaluation.generate_reply(model, tokenizer, evaluation.prompt_ids(tokenizer, history), args.max_new_tokens,
                                          temperature=args.temperature, top_p=args.top_p, streamer=streamer)
         history.append({"role": "assistant", "content": answer})
 

@@ -1,11 +1,15 @@
-"""Data: local files -> validated conversations -> cached token ids and labels -> global batches."""
+"""Data: local files -> validated conversations -> token ids and labels, cached on disk
+(which samples form each step is batches.py's job)."""
 
 from __future__ import annotations
 
 import codecs
 import hashlib
+import inspect
 import json
 import logging
+import os
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -174,8 +178,10 @@ def _settings_hash(tokenizer, template, max_len, system_prompt) -> str:
     once per call: Qwen's is 11 MB)."""
     h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
     h.update(json.dumps([template, max_len, system_prompt, templates.chat_template_for(template, tokenizer, system_prompt)]).encode())
-    for src in (templates.__file__, __file__):  # a change to the labelling code invalidates the cache
-        h.update(Path(src).read_bytes())
+    # A change to the labelling code invalidates the cache; other edits (reading, reporting, the
+    # batch order in batches.py) do not re-tokenize.
+    h.update(Path(templates.__file__).read_bytes())
+    h.update(inspect.getsource(_encode_batch).encode())
     return h.hexdigest()
 
 
@@ -228,49 +234,28 @@ def prepare_dataset(files: list[str], tokenizer, *, template: str, max_len: int,
     return ds.remove_columns(["error"])
 
 
-# ---------------------------------------------------------------------------------------------
-# Which samples go into which optimizer step
-# ---------------------------------------------------------------------------------------------
-
-def epoch_order(num_samples: int, seed: int, epoch: int, global_batch_size: int = 1,
-                lengths: list[int] | None = None, window: int = 64) -> np.ndarray:
-    """A global shuffle that depends on the seed and the epoch only.
-
-    With lengths (--group_by_length): the shuffled order is cut into windows of `window` global
-    batches, each window is sorted by length, cut into global batches, and the batches are shuffled,
-    so the samples of a step have similar lengths (little padding) and the order still depends only
-    on the seed, the epoch and the global batch size."""
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(num_samples)
-    if lengths is None:
-        return order
-    lengths = np.asarray(lengths)
-    span = window * global_batch_size
-    for start in range(0, num_samples, span):
-        part = order[start:start + span]
-        order[start:start + span] = part[np.argsort(-lengths[part], kind="stable")]
-    batches = [order[i:i + global_batch_size] for i in range(0, num_samples, global_batch_size)]
-    # the short last batch stays last, so every other step keeps a full global batch
-    full = batches[:-1] if len(batches[-1]) < global_batch_size else batches
-    perm = rng.permutation(len(full))
-    return np.concatenate([full[i] for i in perm] + batches[len(full):])
+def load_splits(model_args, data_args, seed: int, tokenizer, accelerator):
+    """(training set, validation set or None), tokenized once: the first process tokenizes and
+    caches, the others then read the cache."""
+    cache_dir = Path(data_args.preprocessing_cache_dir or os.environ.get("SFT_CACHE", Path.home() / ".cache" / "sft-loop"))
+    prep = partial(prepare_dataset, tokenizer=tokenizer, template=model_args.template, max_len=data_args.max_len,
+                   system_prompt=model_args.system_prompt, cache_dir=cache_dir,
+                   num_proc=data_args.preprocessing_num_workers, skip_invalid=data_args.skip_invalid_samples)
+    with accelerator.main_process_first():
+        try:
+            train_set = prep(data_args.train_files, what="train")
+            eval_set = prep(data_args.validation_files, what="validation") if data_args.validation_files else None
+        except DataProblems as e:
+            raise SystemExit(f"error: {e}") from None
+    if data_args.validation_split_percentage and eval_set is None:
+        split = train_set.train_test_split(test_size=data_args.validation_split_percentage / 100, seed=seed)
+        train_set, eval_set = split["train"], split["test"]
+    return train_set, eval_set
 
 
-def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
-    return -(-num_samples // global_batch_size)
-
-
-def step_micro_batches(order: np.ndarray, step_in_epoch: int, global_batch_size: int, rank: int,
-                       world_size: int, accum_steps: int) -> list[list[int]]:
-    """This process's micro-batches (sample indices) for one optimizer step.
-
-    The global batch is fixed first (a slice of the epoch's order) and only then dealt out, so the
-    samples in step k never depend on how the global batch is split across processes and
-    accumulation steps. It is cut into world_size x accum_steps contiguous, equal-as-possible
-    slots (slot s = micro-batch s // world_size of rank s % world_size); the last global batch
-    of an epoch may be short, so a slot can be empty (the collator then gives a dummy row).
-    """
-    batch = order[step_in_epoch * global_batch_size:(step_in_epoch + 1) * global_batch_size].tolist()
-    slots = world_size * accum_steps
-    n = len(batch)
-    return [batch[s * n // slots:(s + 1) * n // slots] for s in range(rank, slots, world_size)]
+def describe(dataset, sample_ids: list[int], files: list[str]) -> str:
+    """Where these samples come from (file:line), for error messages."""
+    ids = set(sample_ids)
+    rows = dataset.filter(lambda sid: sid in ids, input_columns=["sample_id"])
+    paths, locations = [Path(f) for f in files], {}
+    return ", ".join(locate(paths, f, r, locations) for f, r in zip(rows["_file"], rows["_row"]))

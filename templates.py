@@ -13,6 +13,8 @@ and `labels` are -100 everywhere except the assistant's replies.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 IGNORE_INDEX = -100
@@ -222,15 +224,29 @@ def render(messages: list[dict], template: str = "qwen2.5", tokenizer=None) -> t
 
 
 def chat_template_for(template: str, tokenizer, system_prompt: str | None = None) -> str:
-    """The jinja template to save with the trained model, so inference renders as training did."""
-    if template == "tokenizer":
-        return tokenizer.chat_template
-    if template == "llama3":
-        return LLAMA3_CHAT_TEMPLATE
+    """The jinja template to save with the trained model, so inference renders as training did,
+    the --system_prompt included (given to conversations that bring no system turn)."""
+    base = {"tokenizer": tokenizer.chat_template, "llama3": LLAMA3_CHAT_TEMPLATE}.get(template, QWEN25_CHAT_TEMPLATE)
     if system_prompt is None:
-        return QWEN25_CHAT_TEMPLATE
-    escaped = system_prompt.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
-    return QWEN25_CHAT_TEMPLATE.replace(QWEN_DEFAULT_SYSTEM, escaped)
+        return base
+    # A JSON string is a valid jinja string literal (same escapes).
+    default = json.dumps({"role": "system", "content": system_prompt}, ensure_ascii=False)
+    return ("{%- if not messages or messages[0]['role'] != 'system' %}{%- set messages = [" + default
+            + "] + messages %}{%- endif %}" + base)
+
+
+def end_of_turn(template: str, tokenizer) -> str:
+    """The token that closes an assistant reply in this template: what training teaches the model
+    to emit last, so generation must stop there (it is not always the tokenizer's eos)."""
+    if template == "qwen2.5":
+        return "<|im_end|>"
+    if template == "llama3":
+        return "<|eot_id|>"
+    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    text, spans = render(probe, template, tokenizer)
+    reply = text[spans[-1][0]:spans[-1][1]]
+    found = [(reply.rfind(t), t) for t in tokenizer.all_special_tokens if t and t in reply]
+    return max(found)[1] if found else tokenizer.eos_token
 
 
 def _labels(input_ids: list[int], offsets, spans) -> list[int]:

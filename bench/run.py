@@ -150,22 +150,22 @@ def run_bare(rows, tok, model_dir: Path, steps: int, per_device: int) -> dict:
     import numpy as np
     import torch
 
-    import sft_data
+    import batches
+    import lm_logits
     import train_loop
     from collate import collate
 
-    order = sft_data.epoch_order(len(rows), 42, 0)
-    batches = [collate([rows[i] for i in sft_data.step_micro_batches(order, s, per_device, 0, 1, 1)[0]],
-                       pad_id=tok.pad_token_id) for s in range(steps)]
+    order = batches.epoch_order(len(rows), 42, 0)
+    steps_ = [collate([rows[i] for i in batches.step_micro_batches(order, s, per_device, 0, 1, 1)[0]],
+                      pad_id=tok.pad_token_id) for s in range(steps)]
     model = load_model(model_dir).train()  # from_pretrained returns it in eval mode
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     targets, t0 = 0, None
-    for s, b in enumerate(batches):
+    for s, b in enumerate(steps_):
         if s == 2:
             t0 = time.perf_counter()
-        n = train_loop.num_targets(b["labels"])
-        loss = train_loop.token_loss_sum(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                                         b["labels"]) / n
+        n = lm_logits.num_targets(b["labels"])
+        loss = train_loop.batch_loss(model, b) / n  # the same loss as ours, no loop around it
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -173,7 +173,7 @@ def run_bare(rows, tok, model_dir: Path, steps: int, per_device: int) -> dict:
         if s >= 2:
             targets += int(n)
     return {"target_tok_s": targets / (time.perf_counter() - t0),
-            "padding_eff": float(np.mean([b["real_tokens"] / b["input_ids"].numel() for b in batches[2:]]))}
+            "padding_eff": float(np.mean([b["real_tokens"] / b["input_ids"].numel() for b in steps_[2:]]))}
 
 
 def train_setup(args):
@@ -311,19 +311,19 @@ def bench_preprocess(args) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 MEMORY_CHILD = r"""
-import resource, sys, torch
+import resource, sys, torch, transformers
 sys.path.insert(0, sys.argv[1])
 import train_loop
 tokens, hidden, vocab, chunk = 4096, 1536, 151936, int(sys.argv[2])
 torch.manual_seed(0)
-head = torch.nn.Linear(hidden, vocab, bias=False)
-h = torch.randn(1, tokens, hidden, requires_grad=True)
-labels = torch.randint(0, vocab, (1, tokens))
+# Qwen2.5-1.5B's width and vocabulary, one thin layer: the LM head and the loss dominate
+config = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=256, num_hidden_layers=1,
+                                  num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
+model = transformers.Qwen2ForCausalLM(config)
+ids = torch.randint(0, vocab, (1, tokens))
+batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if chunk:
-    loss = train_loop.chunked_token_loss_sum(h, head, labels, chunk)
-else:
-    loss = train_loop.token_loss_sum(head(h), labels)
+loss = train_loop.batch_loss(model, batch, chunk or None)
 loss.backward()
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 """
@@ -335,10 +335,11 @@ def bench_memory(args) -> dict:
                              capture_output=True, text=True)
         return int(out.stdout.strip().splitlines()[-1])
 
-    full, chunked = peak(0), peak(1024)
-    print("\nloss step (4,096 tokens, hidden 1,536, vocab 151,936, fp32), growth of peak memory")
+    chunk = 1024 * 2**20 // (151936 * 8)  # the default --ce_chunk_mb 1024 at this vocabulary: 883 tokens
+    full, chunked = peak(0), peak(chunk)
+    print("\nloss step (4,096 target tokens, hidden 1,536, vocab 151,936, fp32), growth of peak memory")
     print(f"full logits:            {full / 2**30:6.2f} GiB")
-    print(f"chunked (1,024 tokens): {chunked / 2**30:6.2f} GiB   ({chunked / full:.1%} of full)")
+    print(f"chunked ({chunk} tokens):   {chunked / 2**30:6.2f} GiB   ({chunked / full:.1%} of full)")
     return {"full": full, "chunked": chunked}
 
 

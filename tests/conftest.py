@@ -32,3 +32,14 @@ def tiny_tok():
 @pytest.fixture(scope="session")
 def sft_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("sft-cache")
+
+
+@pytest.fixture(scope="session")
+def samples(qwen_tok):
+    """Eight two-turn conversations of assorted lengths, encoded with the real Qwen2.5 tokenizer."""
+    import templates
+
+    convs = [[{"role": "user", "content": "word " * n}, {"role": "assistant", "content": "reply " * (3 + n % 7)},
+              {"role": "user", "content": "again?"}, {"role": "assistant", "content": "yes " * (n % 5 + 1)}]
+             for n in range(1, 40, 5)]
+    return [templates.encode(c, qwen_tok) for c in convs]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -69,3 +70,17 @@ def wait_for(predicate, proc, timeout=300):
         assert proc.poll() is None, f"run ended first:\n{proc.stdout.read()[-3000:]}"
         assert time.time() < deadline
         time.sleep(0.001)
+
+
+WORDS = "apple banana cherry river mountain cloud stone green blue red cat dog fish bird tree house".split()
+
+
+def uneven_data(path, n):
+    """Replies of 1 to ~120 words, so micro-batches hold very different numbers of target tokens."""
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for i in range(n):
+            reply = " ".join(rng.choices(WORDS, k=1 if i % 2 else rng.randint(40, 120)))
+            f.write(json.dumps({"conversations": [{"from": "human", "value": f"Say something {i}"},
+                                                  {"from": "assistant", "value": reply}]}) + "\n")
+    return path

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+import batches
 import sft_data
 import templates
 
@@ -84,9 +85,9 @@ def step_sets(n, seed, per_device, accum, world, steps):
     out = []
     gb = per_device * accum * world
     for step in range(steps):
-        order = sft_data.epoch_order(n, seed, step // sft_data.steps_per_epoch(n, gb))
-        s = step % sft_data.steps_per_epoch(n, gb)
-        mbs = [sft_data.step_micro_batches(order, s, gb, r, world, accum) for r in range(world)]
+        order = batches.epoch_order(n, seed, step // batches.steps_per_epoch(n, gb))
+        s = step % batches.steps_per_epoch(n, gb)
+        mbs = [batches.step_micro_batches(order, s, gb, r, world, accum) for r in range(world)]
         for rank_mbs in mbs:
             assert len(rank_mbs) == accum and all(len(mb) <= per_device for mb in rank_mbs)
         out.append(sorted(i for rank_mbs in mbs for mb in rank_mbs for i in mb))
@@ -102,4 +103,4 @@ def test_step_composition_depends_only_on_seed_and_global_batch():
     assert sorted(i for s in ref[:5] for i in s) == list(range(37))
     assert ref[:5] != ref[5:10]
     assert step_sets(37, 4, 8, 1, 1, steps=5) != ref[:5]
-    assert np.array_equal(sft_data.epoch_order(37, 3, 1), sft_data.epoch_order(37, 3, 1))
+    assert np.array_equal(batches.epoch_order(37, 3, 1), batches.epoch_order(37, 3, 1))

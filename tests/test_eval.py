@@ -70,15 +70,15 @@ def test_chat_streams_replies_with_the_training_template_and_stops(short_run):
     assert p.returncode == 0, p.stderr
     replies = [line[len("model> "):] for line in p.stdout.splitlines() if line.startswith("model> ")]
     assert len(replies) == 2
-    # the same greedy reply as generate.py gives for the same conversation, rendered with the saved template
+    # the same greedy reply as evaluation.py gives for the same conversation, rendered with the saved template
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import generate
+    import evaluation
 
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     msgs = [{"role": "user", "content": "Repeat after me: sun moon"}]
-    expected = generate.generate_reply(model, tok, generate.prompt_ids(tok, msgs), 24)
+    expected = evaluation.generate_reply(model, tok, evaluation.prompt_ids(tok, msgs), 24)
     assert replies[0].strip() == expected.strip()
     assert "<|im_end|>" not in p.stdout
 

@@ -3,7 +3,6 @@ the same global batch gives the same model however it is split; resume is exact;
 """
 
 import json
-import random
 import shutil
 import signal
 import sys
@@ -11,21 +10,7 @@ import sys
 import pytest
 import torch
 
-from helpers import launch, losses, max_diff, start, train, wait_for, weights
-
-WORDS = "apple banana cherry river mountain cloud stone green blue red cat dog fish bird tree house".split()
-
-
-def uneven_data(path, n):
-    """Replies of 1 to ~120 words, so micro-batches hold very different numbers of target tokens."""
-    rng = random.Random(0)
-    with open(path, "w") as f:
-        for i in range(n):
-            reply = " ".join(rng.choices(WORDS, k=1 if i % 2 else rng.randint(40, 120)))
-            f.write(json.dumps({"conversations": [{"from": "human", "value": f"Say something {i}"},
-                                                  {"from": "assistant", "value": reply}]}) + "\n")
-    return path
-
+from helpers import launch, losses, max_diff, start, train, uneven_data, wait_for, weights
 
 def sample_ids(out):
     """The last record for each step (a killed run may have logged a step it did not checkpoint)."""

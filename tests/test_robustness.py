@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 
@@ -274,7 +275,8 @@ def test_deepspeed_config_that_disagrees_with_the_flags(tmp_path, sft_cache):
     r = run_cmd([sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg, "train_loop.py",
                  "--output_dir", tmp_path / "o", "--gradient_accumulation_steps", "2"], sft_cache, check=False)
     assert r.returncode != 0
-    assert "the DeepSpeed config sets gradient_accumulation_steps=4 but the flags ask for 2" in r.stderr
+    message = "error: the DeepSpeed config sets gradient_accumulation_steps=4 but the flags ask for 2"
+    assert r.stderr.count(message) == 1 and f"\n{message}" in r.stderr  # once, on a line of its own
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -292,3 +294,108 @@ def test_output_dir_not_writable(tmp_path, sft_cache):
     (tmp_path / "file").write_text("")
     r = train(["--output_dir", tmp_path / "file" / "out"], sft_cache, check=False)
     assert r.returncode != 0 and "is not writable" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- 7. SIGTERM at any moment, and the logs after a resume ---------------------------------------
+
+def start_logged(args, cache, log_path):
+    """Start train_loop.py with its output going to a file that the test can read while it runs."""
+    env = {**os.environ, "SFT_CACHE": str(cache), "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    f = open(log_path, "w")
+    return subprocess.Popen([sys.executable, "train_loop.py", *map(str, args)], cwd=REPO, env=env, stdout=f,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def sigterm_when(p, predicate, delay=0.0):
+    wait_for(predicate, p, timeout=300)
+    time.sleep(delay)
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 0
+    return time.time() - t0
+
+
+def test_sigterm_during_tokenization_exits_cleanly(tmp_path):
+    cache, out, log = tmp_path / "fresh-cache", tmp_path / "o", tmp_path / "log"
+    p = start_logged(["--output_dir", out, "--max_eval_generations", 0], cache, log)
+    sigterm_when(p, lambda: (cache / "hf-datasets").exists())  # reading the data file has begun
+    text = log.read_text()
+    assert "SIGTERM before training began: stopped; nothing was trained, so nothing is saved" in text
+    assert "Traceback" not in text and not list(out.glob("checkpoint-*"))
+    assert not list(cache.glob("tokenized-*.arrow"))  # no half-written cache file is left to be trusted
+
+
+def test_sigterm_during_the_first_evaluation_exits_cleanly(tmp_path, sft_cache):
+    out, log = tmp_path / "o", tmp_path / "log"
+    p = start_logged(["--output_dir", out, "--max_eval_generations", 100], sft_cache, log)
+    took = sigterm_when(p, lambda: "model: Qwen2ForCausalLM" in log.read_text(), delay=1.0)  # 100 replies: ~10 s
+    text = log.read_text()
+    assert "SIGTERM before training began" in text and "Traceback" not in text and took < 10
+    assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
+
+
+def test_sigterm_during_an_evaluation_in_training_checkpoints_that_step(tmp_path, sft_cache):
+    out, log = tmp_path / "o", tmp_path / "log"
+    p = start_logged(["--output_dir", out, "--max_steps", 50, "--eval_steps", 3, "--max_eval_generations", 100],
+                     sft_cache, log)
+    # the step-3 record is written just before the step-3 evaluation begins
+    took = sigterm_when(p, lambda: metrics_lines(out) >= 2 and any(
+        json.loads(line).get("step") == 3 for line in open(out / "metrics.jsonl")))
+    assert "SIGTERM: stopped after step 3 with a checkpoint" in log.read_text() and took < 10
+    assert not [m for m in map(json.loads, open(out / "metrics.jsonl")) if "eval_loss" in m and m["step"] == 3]
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    assert (out / "checkpoint-3" / "checkpoint_complete").is_file()
+
+
+def test_main_restores_the_sigterm_handler(tmp_path, sft_cache, monkeypatch):
+    """An in-process main() (pdb.runcall, a notebook) leaves its host's SIGTERM handling as it was."""
+    import train_loop
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("SFT_CACHE", str(sft_cache))
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        train_loop.main(["--output_dir", str(tmp_path / "o"), "--max_steps", "1", "--max_eval_generations", "0"])
+        with pytest.raises(SystemExit):  # an error on the way out restores it too
+            train_loop.main(["--output_dir", str(tmp_path / "o"), "--max_steps", "1"])
+    finally:
+        AcceleratorState._reset_state(True)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_resume_drops_what_was_logged_after_its_checkpoint(tmp_path, sft_cache):
+    out = tmp_path / "o"
+    args = ["--output_dir", out, "--max_steps", 6, "--save_steps", 2, "--eval_steps", 2, "--per_device_train_batch_size",
+            4, "--log_sample_ids", "--max_eval_generations", 2]
+    train(args, sft_cache)
+    train([*args, "--resume_from_checkpoint", out / "checkpoint-2"], sft_cache)
+    for name in ("metrics.jsonl", "generations.jsonl", "sample_ids.jsonl"):
+        steps = [json.loads(line)["step"] for line in open(out / name)]
+        assert steps == sorted(steps), name  # the plot never doubles back
+    train_steps = [m["step"] for m in map(json.loads, open(out / "metrics.jsonl")) if "loss" in m]
+    assert train_steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_default_run_finds_its_held_out_set_by_a_relative_path(monkeypatch):
+    import train_loop
+
+    monkeypatch.chdir(REPO)
+    _, data_args, _ = train_loop.parse_args(["--train_files", "data/sample_belle.jsonl"])
+    assert data_args.validation_files == [str(REPO / "data" / "sample_belle_eval.jsonl")]
+
+
+def test_generation_stops_at_the_templates_end_of_turn_when_eos_differs(tmp_path, sft_cache, tiny_tok):
+    """A tokenizer whose eos is <|endoftext|>: generation and exact match use the template's <|im_end|>,
+    so no held-out case is dropped, and the log says so."""
+    tok_dir = tmp_path / "tok"
+    tiny_tok.save_pretrained(tok_dir)
+    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": "<|endoftext|>"}))
+    out = tmp_path / "o"
+    p = train(["--output_dir", out, "--tokenizer_name_or_path", tok_dir, "--max_steps", 1,
+               "--max_eval_generations", 3, "--max_new_tokens", 4], sft_cache)
+    assert "end of turn: '<|im_end|>' (not the tokenizer's eos '<|endoftext|>')" in p.stderr
+    assert all("eval_exact_match" in m for m in map(json.loads, open(out / "metrics.jsonl")) if "eval_loss" in m)
+    from transformers import GenerationConfig
+
+    assert GenerationConfig.from_pretrained(out).eos_token_id == tiny_tok.convert_tokens_to_ids("<|im_end|>")

@@ -4,8 +4,7 @@ import pytest
 import torch
 import transformers
 
-import sft_data
-import templates
+import batches
 import train_loop
 from collate import collate, collate_packed
 from helpers import losses, max_diff, metrics, train, weights
@@ -22,31 +21,6 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.fixture(scope="module")
-def samples(qwen_tok):
-    convs = [[{"role": "user", "content": "word " * n}, {"role": "assistant", "content": "reply " * (3 + n % 7)},
-              {"role": "user", "content": "again?"}, {"role": "assistant", "content": "yes " * (n % 5 + 1)}]
-             for n in range(1, 40, 5)]
-    return [templates.encode(c, qwen_tok) for c in convs]
-
-
-def test_chunked_cross_entropy_equals_the_plain_one_at_qwen_vocab_size(samples, qwen_tok):
-    batch = collate(samples, pad_id=qwen_tok.pad_token_id)
-    results = []
-    for chunk in (None, 37):  # a chunk size that does not divide the number of targets
-        model = tiny_model(151936)
-        loss = train_loop.forward_loss(model, batch, chunk)
-        loss.backward()
-        results.append((loss.detach(), grads(model)))
-    (plain, g_plain), (chunked, g_chunked) = results
-    assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
-    assert g_plain.keys() == g_chunked.keys()
-    for k in g_plain:
-        torch.testing.assert_close(g_chunked[k], g_plain[k], rtol=1e-4, atol=1e-7)
-    # the model is whole again afterwards: its logits are logits, not hidden states
-    assert model(input_ids=batch["input_ids"][:1, :4]).logits.shape[-1] == 151936
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_loss_and_gradients_equal_unpacked(samples, qwen_tok, attn):
     results = []
@@ -54,7 +28,7 @@ def test_packed_loss_and_gradients_equal_unpacked(samples, qwen_tok, attn):
                   collate_packed(samples, pad_id=qwen_tok.pad_token_id, max_len=160)):
         model = tiny_model(151936)
         model.config._attn_implementation = attn
-        loss = train_loop.forward_loss(model, batch, None)
+        loss = train_loop.batch_loss(model, batch, None)
         loss.backward()
         results.append((loss.detach(), grads(model), batch))
     (plain, g_plain, b_plain), (packed, g_packed, b_packed) = results
@@ -81,18 +55,18 @@ def test_group_by_length_keeps_composition_split_independent_and_groups_lengths(
     rng = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 500, (203,), generator=rng).tolist()
     gb = 8
-    order = sft_data.epoch_order(203, 3, 0, gb, lengths)
+    order = batches.epoch_order(203, 3, 0, gb, lengths)
     assert sorted(order.tolist()) == list(range(203))
     # similar lengths in a step: far less spread than in a plain shuffled step
     def spread(o):
-        batches = [o[i:i + gb] for i in range(0, 200, gb)]
-        return sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches)
-    assert spread(order.tolist()) < 0.25 * spread(sft_data.epoch_order(203, 3, 0).tolist())
+        steps = [o[i:i + gb] for i in range(0, 200, gb)]
+        return sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in steps)
+    assert spread(order.tolist()) < 0.25 * spread(batches.epoch_order(203, 3, 0).tolist())
     # and the steps' samples still do not depend on the split
     def sets(per_device, accum, world):
         out = []
-        for step in range(sft_data.steps_per_epoch(203, gb)):
-            mbs = [sft_data.step_micro_batches(order, step, gb, r, world, accum) for r in range(world)]
+        for step in range(batches.steps_per_epoch(203, gb)):
+            mbs = [batches.step_micro_batches(order, step, gb, r, world, accum) for r in range(world)]
             out.append(sorted(i for rank in mbs for mb in rank for i in mb))
         return out
     assert sets(8, 1, 1) == sets(2, 2, 2) == sets(1, 4, 2)

@@ -172,3 +172,25 @@ def test_truncation_keeps_the_start(qwen_tok):
     full = templates.encode(msgs, qwen_tok)
     cut = templates.encode(msgs, qwen_tok, max_len=20)
     assert cut["input_ids"] == full["input_ids"][:20] and cut["labels"] == full["labels"][:20]
+
+
+@pytest.mark.parametrize("template", ["qwen2.5", "llama3", "tokenizer"])
+def test_every_template_keeps_the_system_prompt_for_inference(llama3_tok, qwen_tok, template):
+    """The saved chat template gives a conversation without a system turn the --system_prompt, so
+    chat.py and sample prompts render exactly as training did."""
+    base = qwen_tok if template == "qwen2.5" else llama3_tok
+    prompt = 'Be brief.\nSay "no" if unsure\\ 好的'  # quotes, a newline, a backslash and non-ASCII survive
+    for msgs in (CONVERSATIONS["single"], CONVERSATIONS["multi_turn_system"]):
+        enc = templates.encode(msgs, base, template=template, system_prompt=prompt)
+        tok = copy.deepcopy(base)
+        tok.chat_template = templates.chat_template_for(template, base, prompt)
+        assert tok.apply_chat_template(msgs, tokenize=True, return_dict=False) == enc["input_ids"]
+        with_header = tok.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True, return_dict=False)
+        assert enc["input_ids"][:len(with_header)] == with_header
+
+
+def test_end_of_turn_is_the_templates_not_the_tokenizers_eos(llama3_tok):
+    """llama3_tok's eos is Qwen's <|im_end|>, but its template ends a reply with <|eot_id|>."""
+    assert llama3_tok.eos_token == "<|im_end|>"
+    assert templates.end_of_turn("llama3", llama3_tok) == "<|eot_id|>"
+    assert templates.end_of_turn("tokenizer", llama3_tok) == "<|eot_id|>"  # found by rendering

@@ -1,0 +1,93 @@
+"""Which samples go into which optimizer step, and this process's micro-batches of it.
+
+The one place that decides batch composition: edit `epoch_order` to change how batches are formed
+(the tokenized data is cached apart from this file, so an edit here never re-tokenizes)."""
+
+from __future__ import annotations
+
+import hashlib
+from functools import partial
+
+import numpy as np
+import torch
+
+from collate import collate, collate_packed
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, global_batch_size: int = 1,
+                lengths: np.ndarray | None = None, window: int = 64) -> np.ndarray:
+    """A global shuffle that depends on the seed and the epoch only.
+
+    With lengths (--group_by_length): the shuffled order is cut into windows of `window` global
+    batches, each window is sorted by length, cut into global batches, and the batches are shuffled,
+    so the samples of a step have similar lengths (little padding) and the order still depends only
+    on the seed, the epoch and the global batch size."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(num_samples)
+    if lengths is None:
+        return order
+    lengths = np.asarray(lengths)
+    span = window * global_batch_size
+    for start in range(0, num_samples, span):
+        part = order[start:start + span]
+        order[start:start + span] = part[np.argsort(-lengths[part], kind="stable")]
+    batches = [order[i:i + global_batch_size] for i in range(0, num_samples, global_batch_size)]
+    # the short last batch stays last, so every other step keeps a full global batch
+    full = batches[:-1] if len(batches[-1]) < global_batch_size else batches
+    perm = rng.permutation(len(full))
+    return np.concatenate([full[i] for i in perm] + batches[len(full):])
+
+
+def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
+    return -(-num_samples // global_batch_size)
+
+
+def step_micro_batches(order: np.ndarray, step_in_epoch: int, global_batch_size: int, rank: int,
+                       world_size: int, accum_steps: int) -> list[list[int]]:
+    """This process's micro-batches (sample indices) for one optimizer step.
+
+    The global batch is fixed first (a slice of the epoch's order) and only then dealt out, so the
+    samples in step k never depend on how the global batch is split across processes and
+    accumulation steps. It is cut into world_size x accum_steps contiguous, equal-as-possible
+    slots (slot s = micro-batch s // world_size of rank s % world_size); the last global batch
+    of an epoch may be short, so a slot can be empty (the collator then gives a dummy row).
+    """
+    batch = order[step_in_epoch * global_batch_size:(step_in_epoch + 1) * global_batch_size].tolist()
+    slots = world_size * accum_steps
+    n = len(batch)
+    return [batch[s * n // slots:(s + 1) * n // slots] for s in range(rank, slots, world_size)]
+
+
+def lengths_of(dataset, group_by_length: bool) -> np.ndarray | None:
+    # One Arrow column read into numpy, not a Python list of every sample's length.
+    return dataset.with_format("numpy")["length"] if group_by_length else None
+
+
+def order_fingerprint(dataset, seed: int, epoch: int, global_batch_size: int, group_by_length: bool) -> str:
+    """A hash of an epoch's sample order: recorded in each checkpoint, so that a resume whose
+    order would differ (an edited epoch_order, other data or flags) is refused, not silently run."""
+    order = epoch_order(len(dataset), seed, epoch, global_batch_size, lengths_of(dataset, group_by_length))
+    return hashlib.sha256(np.asarray(order, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def collate_fn(data_args, pad_id: int, attn: str):
+    if data_args.packing:
+        return partial(collate_packed, pad_id=pad_id, max_len=data_args.max_len,
+                       pad_to_multiple_of=data_args.pad_to_multiple_of, mask_4d="flash" not in attn)
+    return partial(collate, pad_id=pad_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
+
+
+def step_loader(dataset, args, data_args, rank: int, world: int, pad_id: int, epoch: int, first_step: int,
+                num_steps: int, attn: str = "sdpa"):
+    """Yields, for each optimizer step of this epoch from first_step on, this process's list of
+    gradient_accumulation_steps collated micro-batches."""
+    gas = args.gradient_accumulation_steps
+    global_batch = args.per_device_train_batch_size * gas * world
+    order = epoch_order(len(dataset), args.seed, epoch, global_batch, lengths_of(dataset, data_args.group_by_length))
+    micro_batches = [mb for step in range(first_step, num_steps)
+                     for mb in step_micro_batches(order, step, global_batch, rank, world, gas)]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=micro_batches, num_workers=args.dataloader_num_workers,
+                                         collate_fn=collate_fn(data_args, pad_id, attn))
+    it = iter(loader)
+    for _ in range(first_step, num_steps):
+        yield [next(it) for _ in range(gas)]

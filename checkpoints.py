@@ -1,0 +1,170 @@
+"""Checkpoints: the output directory, saving (an HF model directory plus the training state, renamed
+into place when complete), the final model, and resuming (only from complete, plain-data state)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+def prepare_output_dir(args, accelerator: Accelerator) -> str | None:
+    """The checkpoint to resume from, if any; refuses to write into a used directory otherwise."""
+    out = Path(args.output_dir)
+    resume = args.resume_from_checkpoint
+    if resume is not None and resume.lower() in ("false", "none", ""):
+        resume = None
+    if resume is not None and resume.lower() in ("true", "latest"):
+        resume = latest_checkpoint(out)
+        if resume is None:
+            raise SystemExit(f"error: --resume_from_checkpoint true, but {out} holds no complete checkpoint")
+    elif resume is not None and not (Path(resume) / COMPLETE).is_file():
+        raise SystemExit(f"error: {resume} is not a complete checkpoint (no {COMPLETE} marker)")
+    if resume is None and out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
+        hint = ("pass --resume_from_checkpoint true to continue it" if latest_checkpoint(out)
+                else "choose another --output_dir")
+        raise SystemExit(f"error: output directory {out} is not empty; {hint}, or --overwrite_output_dir to start over")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        try:
+            if args.overwrite_output_dir and resume is None and out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / ".write-test").write_text("")
+            (out / ".write-test").unlink()
+        except OSError as e:
+            raise SystemExit(f"error: output directory {out} is not writable: {e.strerror}") from None
+    accelerator.wait_for_everyone()
+    return None if resume is None else str(resume)
+
+
+COMPLETE = "checkpoint_complete"  # written last: a checkpoint without it is never resumed from
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    done = [p for p in out.glob("checkpoint-*") if p.name[11:].isdigit() and (p / COMPLETE).is_file()]
+    return sorted(done, key=lambda p: int(p.name[11:]))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = complete_checkpoints(out)
+    return done[-1] if done else None
+
+
+def save_hf_model(accelerator: Accelerator, model, tokenizer, directory: Path) -> None:
+    # Every rank must call get_state_dict: under ZeRO-3 it gathers the shards with a collective.
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        # DeepSpeed hands back tied weights (lm_head = embeddings) as two tensors; store one, as HF does.
+        for target, source in (getattr(unwrapped, "all_tied_weights_keys", None) or {}).items():
+            if source in state_dict:
+                state_dict.pop(target, None)
+        unwrapped.save_pretrained(directory, state_dict=state_dict)
+        tokenizer.save_pretrained(directory)
+
+
+def save_checkpoint(accelerator: Accelerator, model, tokenizer, args, state: dict) -> Path:
+    """Write into a temporary directory, mark it complete, then rename it into place: a run killed
+    mid-save leaves the previous checkpoints intact and no directory that looks finished."""
+    out = Path(args.output_dir)
+    final = out / f"checkpoint-{state['global_step']}"
+    tmp = out / f".tmp-checkpoint-{state['global_step']}"
+    if accelerator.is_main_process:
+        for stale in out.glob(".tmp-checkpoint-*"):  # left by a run killed while saving
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    save_hf_model(accelerator, model, tokenizer, tmp)
+    accelerator.save_state(str(tmp / "training_state"))  # optimizer, RNG, DeepSpeed shards
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        (tmp / COMPLETE).write_text("")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if args.save_total_limit:
+            for old in complete_checkpoints(out)[:-args.save_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_final_model(accelerator: Accelerator, model, tokenizer, out: Path) -> None:
+    """The final model at the top of output_dir, each file moved into place only once all are written."""
+    tmp = out / ".tmp-final"
+    save_hf_model(accelerator, model, tokenizer, tmp)
+    if accelerator.is_main_process:
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+        tmp.rmdir()
+    accelerator.wait_for_everyone()
+
+
+def check_state_is_plain_data(state_dir: Path) -> None:
+    """Refuse training state that would unpickle anything beyond tensors and plain data.
+
+    accelerate loads its own files with torch.load(weights_only=True); DeepSpeed loads its shards
+    with weights_only=False, so every file is first proven loadable with weights_only=True, allowing
+    only DeepSpeed's plain record types besides."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    allowed = list(TORCH_SAFE_GLOBALS)
+    try:  # plain enums and records (no code) that DeepSpeed stores in its optimizer shards
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed += [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+    except ImportError:
+        pass
+    for f in sorted(state_dir.rglob("*")):
+        if f.suffix in (".pt", ".bin", ".pkl"):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+                raise SystemExit(f"error: refusing to resume from {f}: it holds more than tensors and plain data "
+                                 f"({what.group(1) if what else str(e).splitlines()[0][:200]})") from None
+
+
+def resume(accelerator: Accelerator, resume_dir: str, global_batch: int, seed: int, data_order) -> dict:
+    """Load weights, optimizer and RNG state from a complete checkpoint; its trainer_state.json.
+    data_order(epoch) is the fingerprint of that epoch's sample order as the data and code now give it."""
+    ckpt = Path(resume_dir)
+    check_state_is_plain_data(ckpt / "training_state")  # on every rank: no rank waits on a failed one
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if state["global_batch_size"] != global_batch or state["seed"] != seed:
+        raise SystemExit(f"error: {ckpt} was trained with global batch {state['global_batch_size']} and seed "
+                         f"{state['seed']}; resuming needs the same (now {global_batch}, {seed})")
+    now = data_order(state["epoch"])
+    if state.get("data_order", now) != now:
+        raise SystemExit(f"error: {ckpt} was trained with another order of samples (data order {state['data_order']}, "
+                         f"now {now}): the data, --group_by_length or the batch order code (batches.py) "
+                         "changed, so resuming would not continue the same data. Restore them, or start a new run "
+                         f"from its weights: --model_name_or_path {ckpt}")
+    accelerator.load_state(str(ckpt / "training_state"))
+    return state
+
+
+LOGS = ("metrics.jsonl", "generations.jsonl", "sample_ids.jsonl")
+
+
+def forget_steps_after(out: Path, step: int) -> None:
+    """On resume: drop what a killed run logged past its last checkpoint, so each step is logged once
+    (each file is rewritten beside and renamed over, never left half-written)."""
+    for name in LOGS:
+        f = out / name
+        if not f.is_file():
+            continue
+        lines = f.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) < len(lines):
+            tmp = out / f".{name}.tmp"
+            tmp.write_text("".join(kept))
+            os.replace(tmp, f)

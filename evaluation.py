@@ -1,0 +1,193 @@
+"""Evaluation: held-out loss and perplexity, greedy replies with the training template (held-out
+exact match, sample generations printed during training), and the reply function chat.py uses.
+
+Prompts are rendered exactly as in training (the chat template up to the assistant header), and
+generation stops at the template's end-of-turn token, which training taught the model to emit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+import lm_logits
+import logs
+import runtime
+import templates
+from collate import collate
+from templates import IGNORE_INDEX
+
+log = logging.getLogger("sft")
+
+
+# --- cases: (prompt ids, expected reply) ---------------------------------------------------------
+
+def case_from_row(input_ids: list[int], labels: list[int], tokenizer, end_of_turn_id: int) -> tuple[list[int], str] | None:
+    """A tokenized training sample as (prompt ids, expected reply): the prompt is everything before
+    the last trained run (the last assistant reply), the expected reply is that run without its
+    end-of-turn token. None if the sample has no complete trained run (e.g. it was truncated)."""
+    trained = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
+    if not trained or input_ids[trained[-1]] != end_of_turn_id:
+        return None
+    end = trained[-1]
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return input_ids[:start], tokenizer.decode(input_ids[start:end])
+
+
+def cases_from_file(path: str, tokenizer) -> list[tuple[list[int], str | None]]:
+    """Prompts from a .txt file (one user message a line) or a JSON Lines file (.jsonl, or .json
+    with a record a line, as Belle's) of records of any shape, whose last assistant turn, if there
+    is one, is the expected reply."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"error: --sample_prompts {path}: no such file")
+    if p.suffix not in (".txt", ".jsonl", ".json"):
+        raise SystemExit(f"error: --sample_prompts {path}: expected a .txt file (one message a line) or a "
+                         ".jsonl/.json file (one record a line)")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: --sample_prompts {path}: bytes that are not UTF-8 (byte offset {e.start})") from None
+    if p.suffix == ".txt":
+        convs = [[{"role": "user", "content": x}] for x in lines if x.strip()]
+    else:
+        convs = []
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    convs.append(templates.to_messages(json.loads(line)))
+                except ValueError as e:
+                    raise SystemExit(f"error: {p}:{n}: {e}") from None
+    cases = []
+    for msgs in convs:
+        expected = None
+        if msgs[-1]["role"] == "assistant":
+            msgs, expected = msgs[:-1], msgs[-1]["content"]
+        cases.append((prompt_ids(tokenizer, msgs), expected))
+    return cases
+
+
+def held_out_cases(eval_set, tokenizer, args, end_of_turn_id: int):
+    """(exact-match cases from the validation samples, sample-generation prompts)."""
+    eval_cases = []
+    if eval_set is not None and args.max_eval_generations > 0:
+        rows = eval_set.select(range(min(len(eval_set), args.max_eval_generations)))
+        eval_cases = [c for c in (case_from_row(i, lab, tokenizer, end_of_turn_id)
+                                  for i, lab in zip(rows["input_ids"], rows["labels"])) if c is not None]
+    if args.sample_prompts:
+        sample_cases = cases_from_file(args.sample_prompts, tokenizer)[: args.num_sample_prompts]
+    else:
+        sample_cases = eval_cases[: args.num_sample_prompts]
+    return eval_cases, sample_cases
+
+
+# --- replies --------------------------------------------------------------------------------------
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+@torch.no_grad()
+def generate_reply(model, tokenizer, ids: list[int], max_new_tokens: int, synced_gpus: bool = False,
+                   temperature: float = 0.0, top_p: float = 1.0, streamer=None) -> str:
+    """Greedy (temperature 0) or sampled reply; stops at the model's generation_config eos, which
+    the loop sets to the template's end-of-turn token (e.g. <|im_end|>)."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus, streamer=streamer, **sampling)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def run_cases(model, tokenizer, cases, accelerator, max_new_tokens: int, synced_gpus: bool = False) -> list[dict] | None:
+    """Greedy replies for all cases, shared among processes, gathered in order on every process
+    (None if SIGTERM arrived meanwhile). Every process runs the same number of generate calls:
+    under ZeRO-3 each forward gathers parameters collectively."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(len(cases)))[rank::world]
+    was_training = model.training
+    model.eval()
+    results = []
+    for k in range(-(-len(cases) // world)):
+        if runtime.stop_agreed(accelerator):
+            model.train(was_training)
+            return None
+        i = mine[k] if k < len(mine) else 0  # a repeat keeps the collectives in step
+        ids, expected = cases[i]
+        got = generate_reply(model, tokenizer, ids, max_new_tokens, synced_gpus=synced_gpus)
+        if k < len(mine):
+            results.append({"i": i, "prompt": tokenizer.decode(ids), "expected": expected, "reply": got,
+                            "correct": expected is not None and got.strip() == expected.strip()})
+    model.train(was_training)
+    return sorted(gather_object(results), key=lambda r: r["i"])
+
+
+def exact_match(results: list[dict]) -> float:
+    scored = [r for r in results if r["expected"] is not None]
+    return sum(r["correct"] for r in scored) / max(1, len(scored))
+
+
+# --- loss on held-out data, and one evaluation ------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_loss, args, data_args, accelerator, pad_id: int) -> float | None:
+    """Token-weighted mean of the training loss (batch_loss, the loop's own) over the whole set,
+    across processes; None if SIGTERM arrived meanwhile."""
+    model.eval()
+    idx = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    bs = args.per_device_eval_batch_size
+    batches = [idx[i:i + bs] for i in range(0, len(idx), bs)]
+    # every process runs the same number of forwards (ZeRO-3 gathers parameters collectively)
+    n_batches = -(-len(dataset) // (bs * accelerator.num_processes))
+    batches += [[] for _ in range(n_batches - len(batches))]
+    loss_sum, tokens = 0.0, 0
+    for b in batches:
+        if runtime.stop_agreed(accelerator):
+            model.train()
+            return None
+        batch = collate([dataset[i] for i in b], pad_id=pad_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        loss_sum += batch_loss(model, batch).item()
+        tokens += lm_logits.num_targets(batch["labels"])
+    model.train()
+    sums = runtime.reduce_sums(accelerator, {"loss_sum": loss_sum, "target_tokens": tokens})
+    return sums["loss_sum"] / max(1.0, sums["target_tokens"])
+
+
+def run_evaluation(model, tokenizer, eval_set, eval_cases, sample_cases, step: int, batch_loss, args, data_args,
+                   accelerator) -> dict | None:
+    """Eval loss and perplexity, held-out exact match of greedy replies, and a few sample replies
+    printed so the user sees the model learn to answer and to stop. None if SIGTERM cut it short."""
+    synced = runtime.is_zero3(accelerator)
+    hf_model = runtime.unwrapped(model)  # generate() lives on the HF model (ZeRO-3's hooks are on it too)
+    metrics = {"step": step}
+    if eval_set is not None:
+        metrics["eval_loss"] = evaluate(model, eval_set, batch_loss, args, data_args, accelerator, tokenizer.pad_token_id)
+        if metrics["eval_loss"] is None:
+            return None
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    if eval_cases:
+        results = run_cases(hf_model, tokenizer, eval_cases, accelerator, args.max_new_tokens, synced)
+        if results is None:
+            return None
+        metrics["eval_exact_match"] = exact_match(results)
+    if sample_cases:
+        samples = run_cases(hf_model, tokenizer, sample_cases, accelerator, args.max_new_tokens, synced)
+        if samples is None:
+            return None
+        if accelerator.is_main_process:
+            logs.append_jsonl(Path(args.output_dir) / "generations.jsonl", [{"step": step, **r} for r in samples])
+            for r in samples:
+                expected = f"   (expected {r['expected']!r})" if r["expected"] is not None else ""
+                tqdm.write(f"[step {step}] ...{r['prompt'][-60:]!r}\n    -> {r['reply']!r}{expected}")
+    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
+    logs.log_metrics(args, accelerator, metrics)
+    return metrics

@@ -1,0 +1,139 @@
+"""The model's logits at the target positions of a batch: all at once, or a chunk of tokens at a time.
+
+Both come from the model's own forward, so whatever a model does after its LM head (Gemma 2's
+final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling, the next architecture's
+idea) and the precision it runs in (accelerate's autocast wraps that forward) are the same on both
+paths. The loss itself is train_loop.token_loss; this module only decides where logits come from.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from collate import collate
+from templates import IGNORE_INDEX
+
+log = logging.getLogger("sft")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] bool: position t predicts a trained token (labels[t + 1] is not -100)."""
+    where = torch.zeros_like(labels, dtype=torch.bool)
+    where[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return where
+
+
+def num_targets(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def targets_at(labels: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """The trained next tokens, in the order of `where`'s True positions (row-major)."""
+    return labels[:, 1:][where[:, :-1]]
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def all_at_once(model, batch: dict, where: torch.Tensor) -> torch.Tensor:
+    """[targets, vocab]: transformers' logits_to_keep with a boolean mask applies the LM head (and
+    what follows it) to the target positions only, so no logits exist for prompts or padding."""
+    if "logits_to_keep" in inspect.signature(_forward_of(model)).parameters:
+        return model(**model_inputs(batch), logits_to_keep=where).logits
+    return model(**model_inputs(batch)).logits[where]  # a model without logits_to_keep
+
+
+def chunk_by_chunk(model, head_model, batch: dict, where: torch.Tensor, chunk_size: int, loss_fn) -> torch.Tensor:
+    """loss_fn(logits, targets) per target token, computing the logits chunk_size tokens at a time:
+    only one chunk of logits exists at once, in forward and (recomputed) in backward.
+
+    `model` is what the loop calls (the DDP/DeepSpeed wrapper); `head_model` is the HF model inside it."""
+    # The model's forward once, asking for no logits at all: its final hidden states only.
+    out = model(**model_inputs(batch), logits_to_keep=torch.zeros_like(where), output_hidden_states=True)
+    hidden = out.hidden_states[-1][where]  # the last entry is the final-normed state the head reads
+    targets = targets_at(batch["labels"], where)
+    if targets.numel() == 0:  # the empty logits keep the LM head in the graph (DDP expects every gradient)
+        return loss_fn(out.logits.reshape(0, out.logits.shape[-1]), targets)
+    del out
+
+    def chunk_losses(h, t):
+        return loss_fn(head_logits(head_model, h), t)
+
+    losses = [torch.utils.checkpoint.checkpoint(chunk_losses, hidden[i:i + chunk_size], targets[i:i + chunk_size],
+                                                use_reentrant=False)
+              for i in range(0, targets.numel(), chunk_size)]
+    return torch.cat(losses)
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits for final hidden states [n, hidden] -> [n, vocab]: its own forward, with
+    the decoder stack standing in by `hidden`, so the LM head and every step after it run as in a
+    plain forward (checked against one by `keeps_the_models_logits`)."""
+    decoder = model.get_decoder()
+    own = decoder.__dict__.get("forward")  # an instance-level forward (a hook's wrapper) to put back
+    decoder.forward = lambda *a, **k: BaseModelOutputWithPast(last_hidden_state=hidden[None])
+    try:
+        dummy = torch.zeros((1, hidden.shape[0]), dtype=torch.long, device=hidden.device)
+        return model(input_ids=dummy, use_cache=False).logits[0]
+    finally:
+        if own is None:
+            del decoder.forward
+        else:
+            decoder.forward = own
+
+
+@torch.no_grad()
+def keeps_the_models_logits(model, batch: dict) -> tuple[bool, float]:
+    """Whether the chunked path gives the logits the model's own forward gives, on one batch."""
+    was_training = model.training
+    model.eval()
+    try:
+        where = target_positions(batch["labels"])
+        plain = all_at_once(model, batch, where).float()
+        hidden = model(**model_inputs(batch), output_hidden_states=True).hidden_states[-1][where]
+        chunked = head_logits(model, hidden).float()
+    except Exception as e:  # an architecture whose forward does not fit the pattern
+        log.info("chunked logits: not possible for %s (%s)", type(model).__name__, str(e).splitlines()[0][:200])
+        return False, float("inf")
+    finally:
+        model.train(was_training)
+    if plain.shape != chunked.shape:
+        return False, float("inf")
+    diff = (plain - chunked).abs().max().item() if plain.numel() else 0.0
+    scale = plain.abs().max().item() if plain.numel() else 1.0
+    return diff <= 1e-3 * max(scale, 1.0), diff
+
+
+def chunk_size(model, args, zero3: bool, sample: dict, pad_id: int) -> int | None:
+    """Tokens per chunk for the chunked path, or None for all at once (said once in the log).
+    `sample` (a training sample) checks that chunking keeps this model's logits."""
+    vocab = model.get_output_embeddings().out_features  # not the (possibly partitioned) weight's shape
+    if args.chunked_ce == "false" or (args.chunked_ce == "auto" and vocab < 32_000):
+        return None
+    if zero3:
+        log.info("chunked cross-entropy is off under ZeRO-3 (its LM head is gathered only inside the model's own "
+                 "forward); logits are computed for the target positions only")
+        return None
+    device = next(model.parameters()).device
+    probe = {k: v.to(device) for k, v in collate([sample], pad_id=pad_id).items()}
+    same, diff = keeps_the_models_logits(model, probe)
+    if not same:
+        log.warning("chunked cross-entropy is off: for %s its logits differ from the model's own forward (max abs "
+                    "difference %.3g); logits are computed for the target positions only", type(model).__name__, diff)
+        return None
+    size = args.ce_chunk_size or max(1, args.ce_chunk_mb * 2**20 // (vocab * 4 * 2))
+    log.info("chunked cross-entropy: %d target tokens a chunk (vocabulary %d%s)", size, vocab,
+             "" if args.ce_chunk_size else f", --ce_chunk_mb {args.ce_chunk_mb}")
+    return size
+
+
+def _forward_of(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model.forward

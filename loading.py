@@ -1,0 +1,61 @@
+"""Loading the tokenizer (with the training chat template) and a pretrained model, and fitting the
+model to them (positions, vocabulary, where generation stops)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import templates
+
+REPO = Path(__file__).resolve().parent
+log = logging.getLogger("sft")
+
+
+def load_tokenizer(model_args):
+    path = model_args.tokenizer_name_or_path or model_args.model_name_or_path or str(REPO / "assets" / "tiny-qwen-tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        log.info("Tokenizer has no pad token: padding with eos %r (padding is masked out, so this is safe)",
+                 tokenizer.eos_token)
+    for tok in templates.TEMPLATE_SPECIAL_TOKENS.get(model_args.template, ()):
+        if tok not in tokenizer.get_vocab():
+            raise SystemExit(f"error: --template {model_args.template} needs the token {tok!r}, which the tokenizer "
+                             f"at {path} does not have; choose a template that matches the tokenizer")
+    tokenizer.chat_template = templates.chat_template_for(model_args.template, tokenizer, model_args.system_prompt)
+    return tokenizer
+
+
+def end_of_turn_id(model_args, tokenizer) -> int:
+    """The template's end-of-turn token, which generation and exact match stop at (said in the log)."""
+    token = templates.end_of_turn(model_args.template, tokenizer)
+    note = "" if token == tokenizer.eos_token else f" (not the tokenizer's eos {tokenizer.eos_token!r})"
+    log.info("end of turn: %r%s; generation and exact match stop there", token, note)
+    return tokenizer.convert_tokens_to_ids(token)
+
+
+def load_pretrained(model_args):
+    # weights only from safetensors: a pickle (.bin) can run code when loaded
+    extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=torch.float32,
+                                                    use_safetensors=True, trust_remote_code=model_args.trust_remote_code,
+                                                    **extra)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load a model with safetensors weights from "
+                         f"{model_args.model_name_or_path}: {str(e).splitlines()[0]}") from None
+
+
+def fit_to_tokenizer(model, tokenizer, max_len: int, end_of_turn: int) -> None:
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and max_len > positions:
+        raise SystemExit(f"error: --max_len {max_len} is beyond the model's {positions} positions")
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    # Generation must stop where training taught the model to stop (saved with the model, for chat.py too).
+    model.generation_config.eos_token_id = end_of_turn
+    model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -1,0 +1,170 @@
+"""The processes: the accelerator (DDP or DeepSpeed, as the accelerate config says), numbers summed
+across processes, and stopping cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object
+
+
+def make_accelerator(args) -> Accelerator:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = "LOCAL_RANK" in os.environ or world_size > 1
+    kwargs_handlers, cpu = [], False
+    if launched and not torch.cuda.is_available():
+        # Without CUDA the default backend is not gloo, and accelerate then sees one process per rank.
+        kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        # A multi-GPU config on a CPU-only machine starts the processes but leaves them unconnected
+        # (distributed type NO) unless accelerate is told it is on CPU.
+        cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
+    if args.bf16 is None:
+        mixed = None  # the accelerate config (ACCELERATE_MIXED_PRECISION) decides, else bf16 where supported
+        if "ACCELERATE_MIXED_PRECISION" not in os.environ and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            mixed = "bf16"
+    else:
+        mixed = "bf16" if args.bf16 else "no"
+    asked = mixed or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if asked == "bf16" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        source = "--bf16 true" if args.bf16 else "the accelerate config (mixed_precision: bf16)"
+        raise SystemExit(f"error: {source} asks for bf16, but this machine has no GPU with bf16 support; "
+                         "pass --bf16 false or use a config with mixed_precision: 'no'")
+    trackers = args.report_to if args.report_to in ("tensorboard", "wandb") else None
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed,
+                              kwargs_handlers=kwargs_handlers, cpu=cpu, log_with=trackers,
+                              project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                                                  logging_dir=str(Path(args.output_dir) / "runs")))
+    if world_size > 1 and (accelerator.num_processes != world_size or accelerator.distributed_type == DistributedType.NO):
+        raise SystemExit(f"error: launched {world_size} processes, but accelerate set up {accelerator.num_processes} "
+                         f"({accelerator.distributed_type.value}); they would train separately. On CPU use "
+                         "configs/cpu_ddp.yaml or configs/cpu_zero2.yaml")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if args.skip_nonfinite_steps:
+            raise SystemExit("error: --skip_nonfinite_steps is not available under DeepSpeed, whose engine applies the "
+                             "update inside backward; without it a non-finite step stops the run before any bad save")
+        configure_deepspeed(accelerator, args)
+    return accelerator
+
+
+def configure_deepspeed(accelerator: Accelerator, args) -> None:
+    """Our flags are the source of truth; a DeepSpeed config that says otherwise is an error."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    wanted = {"train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+              "gradient_accumulation_steps": args.gradient_accumulation_steps,
+              "gradient_clipping": float(args.max_grad_norm)}
+    for key, value in wanted.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise SystemExit(f"error: the DeepSpeed config sets {key}={ds[key]} but the flags ask for {value}; "
+                             f"set it to \"auto\" in the DeepSpeed config or pass the same value")
+        ds[key] = value
+    ds["train_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        # Without it a ZeRO-3 save writes an empty state dict.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def is_zero3(accelerator: Accelerator) -> bool:
+    return (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
+def is_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def unwrapped(model):
+    while hasattr(model, "module"):  # DDP and DeepSpeed wrap the model
+        model = model.module
+    return model
+
+
+def reduce_sums(accelerator: Accelerator, numbers: dict) -> dict[str, float]:
+    """Each number summed over all processes, in one collective: every process must call it with
+    the same names."""
+    local = torch.stack([torch.as_tensor(v, dtype=torch.float64, device="cpu").reshape(()) for v in numbers.values()])
+    # float64 on the way (gloo and NCCL both take it), so token counts stay exact past 2^24
+    summed = accelerator.reduce(local.to(accelerator.device), "sum").tolist()
+    return dict(zip(numbers, summed))
+
+
+# --- SIGTERM (Slurm, Kubernetes): finish the step, checkpoint, exit 0 --------------------------
+
+class Stopped(BaseException):
+    """SIGTERM arrived before training began: nothing to save. A BaseException, as KeyboardInterrupt
+    is, so that no library's `except Exception` swallows it."""
+
+
+_state = {"stop": False, "training": False}
+
+
+def _on_sigterm(signum, frame) -> None:
+    _state["stop"] = True
+    if not _state["training"]:
+        raise Stopped  # tokenization or the first evaluation: leave at once, there is nothing to lose
+
+
+@contextmanager
+def sigterm_stops():
+    """Within: SIGTERM before training ends the run at once (raises Stopped); during training it
+    sets a flag that the loop (and evaluation, between batches) checks. The previous handler is
+    restored on the way out, so an in-process main() leaves its host as it found it."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    _state.update(stop=False, training=False)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _state.update(stop=False, training=False)
+
+
+def training_begins() -> None:
+    """From now on SIGTERM only asks for a checkpoint and a clean exit after the current step."""
+    _state["training"] = True
+
+
+def stop_requested_here() -> bool:
+    return _state["stop"]
+
+
+def stop_agreed(accelerator: Accelerator) -> bool:
+    """Whether any process got SIGTERM (a collective: every process calls it at the same point)."""
+    return reduce_sums(accelerator, {"stop": float(_state["stop"])})["stop"] > 0
+
+
+def describe(accelerator: Accelerator) -> str:
+    n = accelerator.num_processes
+    kind = accelerator.distributed_type
+    if kind == DistributedType.NO:
+        engine = "no distributed backend"
+    elif kind == DistributedType.DEEPSPEED:
+        engine = f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    else:
+        engine = f"DDP over {'gloo' if accelerator.device.type == 'cpu' else 'NCCL'}"
+    return f"{n} process{'es' if n > 1 else ''}, {engine}"
+
+
+def gathered_sample_ids(micro_batches: list[dict]) -> list[int]:
+    """The ids of this step's samples on all processes (a collective: every process calls it)."""
+    ids = [i for b in micro_batches for i in b["sample_id"].tolist()]
+    return sorted(i for part in gather_object([ids]) for i in part)
+
+
+@contextmanager
+def errors_said_once():
+    """A user's error (SystemExit with a message) is printed by the first process only, on a line
+    of its own, instead of by every process at once. Another process prints it only if it is still
+    alive a few seconds later: an error of its own, which the first process did not have."""
+    try:
+        yield
+    except SystemExit as e:
+        if not isinstance(e.code, str) or int(os.environ.get("RANK", "0")) == 0:
+            raise
+        time.sleep(5)  # the launcher ends every process once the first one has failed
+        raise SystemExit(f"[process {os.environ['RANK']}] {e.code}") from None
