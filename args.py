@@ -29,6 +29,21 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with the model"})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "eager | sdpa | flash_attention_2 | ...; default: the model's own choice"})
+    # LoRA and QLoRA through peft, with the names TRL and peft users know
+    use_peft: bool = field(default=False, metadata={"help": "train a LoRA adapter instead of all the weights"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={
+        "help": "module names to adapt (e.g. q_proj v_proj), or all-linear (every linear layer but the LM head)"})
+    lora_modules_to_save: list[str] | None = field(default=None, metadata={
+        "help": "modules trained whole and saved with the adapter (e.g. embed_tokens lm_head for new tokens)"})
+    use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (DoRA)"})
+    use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling: alpha / sqrt(r)"})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: the base model in 4-bit NF4 with double quantization, bf16 compute (CUDA + bitsandbytes)"})
+    merge_adapter: bool = field(default=True, metadata={
+        "help": "also write the adapter merged into the base weights (fp32, verified) to output_dir/merged"})
 
 
 @dataclass

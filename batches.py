@@ -86,8 +86,11 @@ def step_loader(dataset, args, data_args, rank: int, world: int, pad_id: int, ep
     order = epoch_order(len(dataset), args.seed, epoch, global_batch, lengths_of(dataset, data_args.group_by_length))
     micro_batches = [mb for step in range(first_step, num_steps)
                      for mb in step_micro_batches(order, step, global_batch, rank, world, gas)]
+    # A generator of its own: a DataLoader draws its workers' seed from the global RNG otherwise, so
+    # a resume (which makes a loader mid-epoch) would shift every later random draw, such as dropout's.
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=micro_batches, num_workers=args.dataloader_num_workers,
-                                         collate_fn=collate_fn(data_args, pad_id, attn))
+                                         collate_fn=collate_fn(data_args, pad_id, attn),
+                                         generator=torch.Generator().manual_seed(args.seed))
     it = iter(loader)
     for _ in range(first_step, num_steps):
         yield [next(it) for _ in range(gas)]

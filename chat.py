@@ -18,7 +18,8 @@ import evaluation
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model_dir", help="a directory written by train_loop.py (or any HF chat model directory)")
+    ap.add_argument("model_dir", help="a directory written by train_loop.py (or any HF chat model directory); "
+                    "a LoRA adapter directory loads its base model from the path in its adapter_config.json")
     ap.add_argument("--system_prompt", default=None,
                     help="system prompt (default: the one the model was trained with, as its chat template says)")
     ap.add_argument("--max_new_tokens", type=int, default=256)
@@ -31,8 +32,10 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, logging
 
     logging.set_verbosity_error()
-    if not (Path(args.model_dir) / "config.json").is_file():
-        raise SystemExit(f"error: {args.model_dir} is not a model directory (no config.json)")
+    d = Path(args.model_dir)
+    if not (d / "config.json").is_file() and not (d / "adapter_config.json").is_file():
+        raise SystemExit(f"error: {args.model_dir} is not a model directory (no config.json) nor a LoRA adapter "
+                         "directory (no adapter_config.json)")
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=args.trust_remote_code)
     if not tokenizer.chat_template:
         raise SystemExit(f"error: the tokenizer in {args.model_dir} has no chat template")

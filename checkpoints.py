@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+import adapters
+
 def prepare_output_dir(args, accelerator: Accelerator) -> str | None:
     """The checkpoint to resume from, if any; refuses to write into a used directory otherwise."""
     out = Path(args.output_dir)
@@ -60,12 +62,26 @@ def save_hf_model(accelerator: Accelerator, model, tokenizer, directory: Path) -
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        # DeepSpeed hands back tied weights (lm_head = embeddings) as two tensors; store one, as HF does.
-        for target, source in (getattr(unwrapped, "all_tied_weights_keys", None) or {}).items():
-            if source in state_dict:
-                state_dict.pop(target, None)
-        unwrapped.save_pretrained(directory, state_dict=state_dict)
+        if adapters.is_adapter(unwrapped):  # the adapter only: adapter_model.safetensors + adapter_config.json
+            adapters.save_adapter(unwrapped, state_dict, directory)
+        else:
+            # DeepSpeed hands back tied weights (lm_head = embeddings) as two tensors; store one, as HF does.
+            for target, source in (getattr(unwrapped, "all_tied_weights_keys", None) or {}).items():
+                if source in state_dict:
+                    state_dict.pop(target, None)
+            unwrapped.save_pretrained(directory, state_dict=state_dict)
         tokenizer.save_pretrained(directory)
+
+
+def save_base_model(accelerator: Accelerator, model, tokenizer, args) -> str:
+    """The built-in tiny model's initial weights, the base its LoRA adapters apply to (a pretrained
+    model's base is its own directory)."""
+    path = Path(args.output_dir) / "base_model"
+    if accelerator.is_main_process:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    accelerator.wait_for_everyone()
+    return str(path.resolve())
 
 
 def save_checkpoint(accelerator: Accelerator, model, tokenizer, args, state: dict) -> Path:
@@ -133,7 +149,8 @@ def check_state_is_plain_data(state_dir: Path) -> None:
                                  f"({what.group(1) if what else str(e).splitlines()[0][:200]})") from None
 
 
-def resume(accelerator: Accelerator, resume_dir: str, global_batch: int, seed: int, data_order) -> dict:
+def resume(accelerator: Accelerator, resume_dir: str, global_batch: int, seed: int, data_order,
+           use_peft: bool = False) -> dict:
     """Load weights, optimizer and RNG state from a complete checkpoint; its trainer_state.json.
     data_order(epoch) is the fingerprint of that epoch's sample order as the data and code now give it."""
     ckpt = Path(resume_dir)
@@ -143,6 +160,10 @@ def resume(accelerator: Accelerator, resume_dir: str, global_batch: int, seed: i
         raise SystemExit(f"error: {ckpt} was trained with global batch {state['global_batch_size']} and seed "
                          f"{state['seed']}; resuming needs the same (now {global_batch}, {seed})")
     now = data_order(state["epoch"])
+    trained_with = bool(state.get("args", {}).get("use_peft", False))
+    if trained_with != use_peft:
+        raise SystemExit(f"error: {ckpt} was trained {'with' if trained_with else 'without'} --use_peft (a LoRA "
+                         f"adapter); resume it {'with' if trained_with else 'without'} --use_peft and the same LoRA flags")
     if state.get("data_order", now) != now:
         raise SystemExit(f"error: {ckpt} was trained with another order of samples (data order {state['data_order']}, "
                          f"now {now}): the data, --group_by_length or the batch order code (batches.py) "

@@ -136,4 +136,6 @@ def chunk_size(model, args, zero3: bool, sample: dict, pad_id: int) -> int | Non
 def _forward_of(model):
     while hasattr(model, "module"):
         model = model.module
+    if hasattr(model, "get_base_model"):  # a peft model passes its arguments on to the HF model inside
+        model = model.get_base_model()
     return model.forward

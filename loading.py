@@ -41,8 +41,13 @@ def end_of_turn_id(model_args, tokenizer) -> int:
 def load_pretrained(model_args):
     # weights only from safetensors: a pickle (.bin) can run code when loaded
     extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    dtype = torch.float32
+    if model_args.load_in_4bit:  # QLoRA: the base in 4-bit NF4, the rest (norms, LM head) in bf16
+        import adapters
+
+        extra["quantization_config"], dtype = adapters.quantization_config(), torch.bfloat16
     try:
-        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=torch.float32,
+        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype,
                                                     use_safetensors=True, trust_remote_code=model_args.trust_remote_code,
                                                     **extra)
     except (OSError, ValueError) as e:

@@ -28,6 +28,7 @@ import transformers
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+import adapters
 import batches
 import checkpoints
 import evaluation
@@ -38,6 +39,7 @@ import plot_metrics
 import runtime
 import sft_data
 from args import parse_args
+from collate import collate
 
 log = logging.getLogger("sft")
 
@@ -103,8 +105,9 @@ def batch_loss(model, batch: dict, chunk_size: int | None = None) -> torch.Tenso
 # =============================================================================================
 
 def make_optimizer(model, args) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases and norms
+    trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapter only
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]  # biases and norms
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if args.optim == "sgd":
         return torch.optim.SGD(groups, lr=args.learning_rate)
@@ -205,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(model_args, data_args, args) -> None:
+    adapters.check_flags(model_args)
     accelerator = runtime.make_accelerator(args)
     logs.setup(accelerator)
     resume_dir = checkpoints.prepare_output_dir(args, accelerator)
@@ -228,6 +232,10 @@ def train(model_args, data_args, args) -> None:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if model_args.use_peft:
+        adapters.check_targets(model, model_args)
+        base_path = model_args.model_name_or_path or checkpoints.save_base_model(accelerator, model, tokenizer, args)
+        model = adapters.wrap(model, model_args, args.gradient_checkpointing, base_path)
     log.info("model: %s, %.2fM parameters", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6)
     flops = logs.flops_per_token(model, data_args.max_len)
     model, optimizer = accelerator.prepare(model, make_optimizer(model, args))
@@ -240,7 +248,7 @@ def train(model_args, data_args, args) -> None:
 
     global_step, skipped_steps = 0, 0
     if resume_dir is not None:
-        state = checkpoints.resume(accelerator, resume_dir, global_batch, args.seed, data_order)
+        state = checkpoints.resume(accelerator, resume_dir, global_batch, args.seed, data_order, model_args.use_peft)
         global_step, skipped_steps = state["global_step"], state.get("skipped_steps", 0)
         if accelerator.is_main_process:
             checkpoints.forget_steps_after(Path(args.output_dir), global_step)
@@ -316,8 +324,13 @@ def train(model_args, data_args, args) -> None:
     # --- the final model, in HF format at the top of output_dir -------------------------------
     if not stopped:
         checkpoints.save_final_model(accelerator, model, tokenizer, Path(args.output_dir))
-        log.info("model written to %s%s", args.output_dir,
+        log.info("%s written to %s%s", "adapter" if model_args.use_peft else "model", args.output_dir,
                  f" ({skipped_steps} non-finite steps skipped)" if skipped_steps else "")
+        if model_args.use_peft and model_args.merge_adapter and accelerator.is_main_process:
+            held_out = eval_set if eval_set is not None else train_set
+            adapters.merge(Path(args.output_dir), Path(args.output_dir) / "merged", tokenizer,
+                           [collate([held_out[i]], pad_id=pad_id) for i in range(min(4, len(held_out)))])
+        accelerator.wait_for_everyone()
         if args.plot and accelerator.is_main_process:
             log.info("plot: %s", plot_metrics.plot(args.output_dir))
     # CPU DDP can hang at exit while the model and optimizer still hold process-group resources.

@@ -84,3 +84,13 @@ def uneven_data(path, n):
             f.write(json.dumps({"conversations": [{"from": "human", "value": f"Say something {i}"},
                                                   {"from": "assistant", "value": reply}]}) + "\n")
     return path
+
+
+# (where, per-device batch, accumulation): where is 'python' or an accelerate config in configs/
+SPLITS = {
+    "8x1x1": ("python", 8, 1),
+    "2x4x1": ("python", 2, 4),
+    "4x1x2-ddp": ("cpu_ddp.yaml", 4, 1),
+    "2x2x2-zero2": ("cpu_zero2.yaml", 2, 2),
+    "2x2x2-zero3": ("cpu_zero3.yaml", 2, 2),
+}

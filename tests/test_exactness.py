@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from helpers import launch, losses, max_diff, start, train, uneven_data, wait_for, weights
+from helpers import SPLITS, launch, losses, max_diff, start, train, uneven_data, wait_for, weights
 
 def sample_ids(out):
     """The last record for each step (a killed run may have logged a step it did not checkpoint)."""
@@ -23,15 +23,6 @@ def run(split, out, data, cache, extra=()):
     args = ["--output_dir", out, "--train_files", data, "--per_device_train_batch_size", per_device,
             "--gradient_accumulation_steps", accum, "--log_sample_ids", *extra]
     return train(args, cache) if where == "python" else launch(where, args, cache)
-
-
-SPLITS = {
-    "8x1x1": ("python", 8, 1),
-    "2x4x1": ("python", 2, 4),
-    "4x1x2-ddp": ("cpu_ddp.yaml", 4, 1),
-    "2x2x2-zero2": ("cpu_zero2.yaml", 2, 2),
-    "2x2x2-zero3": ("cpu_zero3.yaml", 2, 2),
-}
 
 
 @pytest.fixture(scope="module")
