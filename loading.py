@@ -32,7 +32,10 @@ def load_tokenizer(model_args):
 
 def end_of_turn_id(model_args, tokenizer) -> int:
     """The template's end-of-turn token, which generation and exact match stop at (said in the log)."""
-    token = templates.end_of_turn(model_args.template, tokenizer)
+    try:
+        token = templates.end_of_turn(model_args.template, tokenizer)
+    except (templates.DataError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     note = "" if token == tokenizer.eos_token else f" (not the tokenizer's eos {tokenizer.eos_token!r})"
     log.info("end of turn: %r%s; generation and exact match stop there", token, note)
     return tokenizer.convert_tokens_to_ids(token)

@@ -399,3 +399,16 @@ def test_generation_stops_at_the_templates_end_of_turn_when_eos_differs(tmp_path
     from transformers import GenerationConfig
 
     assert GenerationConfig.from_pretrained(out).eos_token_id == tiny_tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_template_tokenizer_without_a_chat_template_is_a_clear_error(tmp_path, sft_cache, tiny_tok):
+    tok_dir = tmp_path / "tok"
+    tiny_tok.save_pretrained(tok_dir)
+    (tok_dir / "chat_template.jinja").unlink()
+    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    r = train(["--output_dir", tmp_path / "o", "--tokenizer_name_or_path", tok_dir, "--template", "tokenizer"], sft_cache,
+              check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "error: --template tokenizer needs a tokenizer that carries a chat_template" in r.stderr
