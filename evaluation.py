@@ -148,14 +148,14 @@ def evaluate(model, dataset, batch_loss, args, data_args, accelerator, pad_id: i
     # every process runs the same number of forwards (ZeRO-3 gathers parameters collectively)
     n_batches = -(-len(dataset) // (bs * accelerator.num_processes))
     batches += [[] for _ in range(n_batches - len(batches))]
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens = torch.zeros((), device=accelerator.device), 0  # a tensor: no device sync per batch
     for b in batches:
         if runtime.stop_agreed(accelerator):
             model.train()
             return None
         batch = collate([dataset[i] for i in b], pad_id=pad_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        loss_sum += batch_loss(model, batch).item()
+        loss_sum += batch_loss(model, batch).detach()
         tokens += lm_logits.num_targets(batch["labels"])
     model.train()
     sums = runtime.reduce_sums(accelerator, {"loss_sum": loss_sum, "target_tokens": tokens})

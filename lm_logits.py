@@ -14,6 +14,7 @@ import logging
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+import runtime
 from collate import collate
 from templates import IGNORE_INDEX
 
@@ -134,8 +135,7 @@ def chunk_size(model, args, zero3: bool, sample: dict, pad_id: int) -> int | Non
 
 
 def _forward_of(model):
-    while hasattr(model, "module"):
-        model = model.module
+    model = runtime.unwrapped(model)
     if hasattr(model, "get_base_model"):  # a peft model passes its arguments on to the HF model inside
         model = model.get_base_model()
     return model.forward
