@@ -124,6 +124,9 @@ def merge(adapter_dir: Path, out: Path, tokenizer, batches: list[dict], toleranc
         return False
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    import checkpoints  # here: checkpoints imports this module
+
+    checkpoints.with_users_umask(out)
     log.info("merged model written to %s (logits within %.2g of the adapter model's on %d held-out batches)", out,
              diff, len(inputs))
     return True

@@ -48,13 +48,22 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    train_files: list[str] = field(default_factory=lambda: [str(SAMPLE_TRAIN)], metadata={
-        "help": "one or more .json/.jsonl/.parquet files"})
+    train_files: list[str] | None = field(default=None, metadata={
+        "help": "sources, each PATH[:WEIGHT]: a .json/.jsonl/.parquet file, a directory of such files, a directory "
+                "written by save_to_disk, or a dataset id; WEIGHT 0.5 = half of it per epoch, 2.0 = twice, "
+                "1000 = 1000 samples (default: data/sample_belle.jsonl)"})
+    dataset_mixture: str | None = field(default=None, metadata={
+        "help": "a YAML/JSON file listing the training sources (and optionally validation_files), for long lists; "
+                "see README, Data"})
     validation_files: list[str] | None = field(default=None, metadata={
-        "help": "held-out data, evaluated every --eval_steps and at the end (default run: data/sample_belle_eval.jsonl)"})
+        "help": "held-out sources, each evaluated as a named set every --eval_steps and at the end "
+                "(default run: data/sample_belle_eval.jsonl)"})
     validation_split_percentage: float = field(default=0.0, metadata={
         "help": "hold out this percentage of the training samples as validation data instead"})
-    max_len: int = field(default=2048, metadata={"help": "truncate samples to this many tokens (keeps the start)"})
+    max_len: int = field(default=2048, metadata={"help": "the longest sample, in tokens (see --truncation)"})
+    truncation: Literal["keep_start", "drop"] = field(default="keep_start", metadata={
+        "help": "a sample longer than --max_len: keep_start (its first max_len tokens) or drop (leave it out: "
+                "no reply cut mid-sentence); either way the count is reported"})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for tokenization"})
     preprocessing_cache_dir: str | None = field(default=None, metadata={
         "help": "where tokenized data is cached (default: $SFT_CACHE or ~/.cache/sft-loop)"})
@@ -68,35 +77,38 @@ class DataArguments:
 
 @dataclass
 class TrainArguments:
-    output_dir: str = "output"
-    overwrite_output_dir: bool = False
+    output_dir: str = field(default="output", metadata={
+        "help": "where checkpoints, the final model, metrics.jsonl and the plot go"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "use an output_dir that holds files already (it is emptied first)"})
     per_device_train_batch_size: int | None = field(default=None, metadata={
-        "help": "default: 8, or 32 for the built-in tiny model"})
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
+        "help": "samples per micro-batch per process (default: 8, or 32 for the built-in tiny model)"})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "samples per evaluation batch per process"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     learning_rate: float | None = field(default=None, metadata={
-        "help": "default: 3e-3 for the built-in tiny model, 2e-5 for a pretrained one"})
+        "help": "peak learning rate (default: 3e-3 for the built-in tiny model, 2e-5 for a pretrained one)"})
     optim: Literal["adamw_torch", "sgd"] = field(default="adamw_torch", metadata={
         "help": "adamw_torch | sgd (plain SGD: linear, for exactness checks)"})
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay, on matrices only"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     # 0.95 as in nanoGPT and the Llama/Qwen pretraining recipes: Adam's second moment forgets old
     # gradients sooner, which keeps steps stable when the gradient scale changes (and the tiny model
     # forms its copying circuit in markedly fewer steps than with transformers' 0.999).
-    adam_beta2: float = 0.95
-    adam_epsilon: float = 1e-8
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (transformers uses 0.999)"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient norm; 0 turns it off"})
     lr_scheduler_type: Literal["linear", "cosine", "constant"] = field(default="cosine", metadata={
         "help": "linear | cosine | constant, after the warmup"})
     # A short warmup by default: Adam's first updates rest on moment estimates from few gradients.
-    warmup_ratio: float = 0.03
-    warmup_steps: int = field(default=0, metadata={"help": "overrides warmup_ratio when > 0"})
-    num_train_epochs: float = 3.0
-    max_steps: int = field(default=-1, metadata={"help": "overrides num_train_epochs when > 0"})
-    seed: int = 42
+    warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup over this share of the steps"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps; overrides --warmup_ratio when > 0"})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "passes over the training data (or mixture)"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --num_train_epochs when > 0"})
+    seed: int = field(default=42, metadata={"help": "initialisation, data order and mixture draws"})
     bf16: bool | None = field(default=None, metadata={
         "help": "bf16 mixed precision; default: as the accelerate config says, else on where the GPU has it"})
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in backward: less memory, about a third more compute"})
     chunked_ce: Literal["auto", "true", "false"] = field(default="auto", metadata={
         "help": "apply the LM head and the loss to a chunk of target tokens at a time, so the full [tokens x vocab] "
                 "logits never exist: auto (on for vocabularies of 32k+), true, false"})
@@ -104,18 +116,23 @@ class TrainArguments:
         "help": "memory for one chunk's fp32 logits and their gradient; sets the tokens per chunk from the vocabulary"})
     ce_chunk_size: int | None = field(default=None, metadata={
         "help": "tokens per chunk, overriding --ce_chunk_mb"})
-    logging_steps: int = 1
-    eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (default: --save_steps)"})
+    logging_steps: int = field(default=1, metadata={"help": "write a metrics.jsonl record every N optimizer steps"})
+    eval_steps: int | None = field(default=None, metadata={
+        "help": "evaluate every N optimizer steps, and always before and after training (default: every 10%% of the "
+                "run; 0: only before and after)"})
     max_eval_generations: int = field(default=100, metadata={
         "help": "held-out exact match: greedy replies to the last turn of up to N validation samples (0: off)"})
     sample_prompts: str | None = field(default=None, metadata={
         "help": "file of prompts (.txt lines, or conversations) to print replies for at each evaluation; "
                 "default: the first validation samples"})
-    num_sample_prompts: int = 3
+    num_sample_prompts: int = field(default=3, metadata={"help": "how many sample replies to print at each evaluation"})
     max_new_tokens: int = field(default=64, metadata={"help": "length bound for generations during training"})
     report_to: Literal["tensorboard", "wandb", "jsonl", "none"] = field(default="jsonl", metadata={
         "help": "tensorboard | wandb | jsonl | none (output_dir/metrics.jsonl is always written)"})
     plot: bool = field(default=True, metadata={"help": "draw output_dir/metrics.png at the end"})
+    disable_tqdm: bool | None = field(default=None, metadata={
+        "help": "no progress bar; instead a log line every 5%% of the run (default: so when the output is not a "
+                "terminal, e.g. a log file or Slurm)"})
     save_steps: int = field(default=0, metadata={"help": "save a checkpoint every N optimizer steps (0: only at the end)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={
         "help": "a checkpoint directory, or 'true' for the latest in output_dir"})
@@ -149,12 +166,87 @@ def config_file_args(path: str) -> list[str]:
     return args
 
 
+DESCRIPTION = """Supervised fine-tuning of a causal LM on conversations, trained on the assistant's replies only.
+
+  python train_loop.py [FLAGS]                          one process (CPU or one GPU); breakpoints work
+  accelerate launch [--config_file C] train_loop.py [FLAGS]   DDP or DeepSpeed, as the accelerate config says
+  python train_loop.py run.yaml [FLAGS]                 flags from a YAML/JSON file; later flags override it
+
+With no flags it trains a tiny model on data/sample_belle.jsonl (a few minutes on a CPU).
+README.md: Two commands, Data (sources, mixtures), The flags that matter, LoRA and QLoRA,
+Checkpoints and resuming, Changing the loop."""
+
+# --help shows the flags under these headings, in this order (a flag not listed stays under "other").
+HEADINGS = {
+    "model": ["model_name_or_path", "tokenizer_name_or_path", "template", "system_prompt", "trust_remote_code",
+              "attn_implementation"],
+    "LoRA and QLoRA (peft)": ["use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                              "lora_modules_to_save", "use_dora", "use_rslora", "load_in_4bit", "merge_adapter"],
+    "data": ["train_files", "dataset_mixture", "validation_files", "validation_split_percentage", "max_len",
+             "truncation", "preprocessing_num_workers", "preprocessing_cache_dir", "skip_invalid_samples"],
+    "training": ["per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "optim", "weight_decay",
+                 "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "lr_scheduler_type", "warmup_ratio",
+                 "warmup_steps", "num_train_epochs", "max_steps", "seed", "skip_nonfinite_steps"],
+    "evaluation": ["eval_steps", "per_device_eval_batch_size", "max_eval_generations", "sample_prompts",
+                   "num_sample_prompts", "max_new_tokens"],
+    "checkpoints and output": ["output_dir", "overwrite_output_dir", "save_steps", "save_total_limit",
+                               "resume_from_checkpoint", "logging_steps", "report_to", "plot", "disable_tqdm",
+                               "log_sample_ids"],
+    "speed and memory": ["bf16", "gradient_checkpointing", "group_by_length", "packing", "pad_to_multiple_of",
+                         "chunked_ce", "ce_chunk_mb", "ce_chunk_size", "dataloader_num_workers"],
+}
+
+
+def make_parser() -> HfArgumentParser:
+    """The parser: exact flag names only (no abbreviations), one-line errors, --help grouped by
+    heading with each default stated once."""
+    import argparse
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments), description=DESCRIPTION,
+                              usage="python train_loop.py [run.yaml] [--flag value ...]",
+                              formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+
+    def error(message: str):
+        raise SystemExit(f"error: {message} (python train_loop.py --help lists the flags)")
+
+    parser.error = error
+    groups = {title: parser.add_argument_group(title) for title in [*HEADINGS, "other"]}
+    heading_of = {name: title for title, names in HEADINGS.items() for name in names}
+    for action in list(parser._optionals._group_actions):
+        if action.dest == "help":
+            continue
+        # shown under its one name: the --hyphen-spelling transformers adds still parses
+        action.option_strings = action.option_strings[:1]
+        if action.option_strings[0].startswith("--no_"):  # transformers' complement of a flag that defaults to on
+            action.help = f"turn --{action.dest} off"
+        elif action.help is not None and "default" not in action.help and action.default is not None:
+            default = str(action.default).lower() if isinstance(action.default, bool) else action.default
+            action.help += f" (default: {default})"
+        parser._optionals._group_actions.remove(action)
+        groups[heading_of.get(action.dest, "other")]._group_actions.append(action)
+    return parser
+
+
+def flag_names(parser) -> list[str]:
+    return [a.option_strings[0] for a in parser._actions if a.option_strings[0].startswith("--")]
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         argv = config_file_args(argv[0]) + argv[1:]
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
-    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+    parser = make_parser()
+    model_args, data_args, args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        import difflib
+
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        if not flag.startswith("-"):
+            raise SystemExit(f"error: unexpected value {flag!r} (every value follows its --flag; "
+                             "python train_loop.py --help lists the flags)")
+        close = difflib.get_close_matches(flag.split("=")[0].replace("-", "_"), flag_names(parser), n=2, cutoff=0.75)
+        hint = f"; did you mean {' or '.join(close)}?" if close else " (python train_loop.py --help lists the flags)"
+        raise SystemExit(f"error: unknown flag {flag.split('=')[0]}{hint}")
     tiny = model_args.model_name_or_path is None
     # The built-in tiny model learns the sample tasks from 50,000 to 80,000 samples seen; a bigger batch
     # costs a CPU less per sample than more steps do.
@@ -168,9 +260,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
                         ("ce_chunk_mb", args.ce_chunk_mb), ("ce_chunk_size", args.ce_chunk_size or 1)]:
         if value < 1:
             parser.error(f"--{name} must be at least 1")
-    if args.eval_steps is None:
-        args.eval_steps = args.save_steps
-    on_sample_data = [Path(f).resolve() for f in data_args.train_files] == [SAMPLE_TRAIN]
+    if data_args.dataset_mixture and data_args.train_files:
+        parser.error("--dataset_mixture lists the training sources: pass it or --train_files, not both")
+    if not data_args.dataset_mixture and not data_args.train_files:
+        data_args.train_files = [str(SAMPLE_TRAIN)]
+    on_sample_data = [Path(f).resolve() for f in data_args.train_files or []] == [SAMPLE_TRAIN]
     if on_sample_data and not data_args.validation_files and not data_args.validation_split_percentage:
         # the default run measures what it learns on held-out conversations of the same tasks
         data_args.validation_files = [str(SAMPLE_EVAL)]

@@ -1,7 +1,9 @@
 """Which samples go into which optimizer step, and this process's micro-batches of it.
 
-The one place that decides batch composition: edit `epoch_order` to change how batches are formed
-(the tokenized data is cached apart from this file, so an edit here never re-tokenizes)."""
+The one place that decides batch composition: `epoch_samples` draws each source's share of an
+epoch (the mixture), `epoch_order` orders them, `step_micro_batches` deals a step out. Edit them
+to change how batches are formed (the tokenized data is cached apart from this file, so an edit
+here never re-tokenizes)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,24 @@ from functools import partial
 import numpy as np
 import torch
 
+import sft_data
 from collate import collate, collate_packed
+
+
+def epoch_samples(rows: list[np.ndarray], counts: list[int], seed: int, epoch: int) -> np.ndarray:
+    """The rows one epoch trains on: from each source, counts[k] of its usable rows rows[k].
+
+    A count below the source's size is a sample without replacement, drawn anew each epoch from the
+    seed and the epoch; a count above it is whole passes over the source plus such a sample for the
+    rest. The result is in source order; epoch_order shuffles it."""
+    picked = []
+    for k, (r, n) in enumerate(zip(rows, counts)):
+        passes, rest = divmod(n, len(r))
+        picked += [r] * passes
+        if rest:
+            rng = np.random.default_rng([seed, epoch, k, 1])
+            picked.append(np.sort(r[rng.permutation(len(r))[:rest]]))
+    return np.concatenate(picked)
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, global_batch_size: int = 1,
@@ -58,15 +77,18 @@ def step_micro_batches(order: np.ndarray, step_in_epoch: int, global_batch_size:
     return [batch[s * n // slots:(s + 1) * n // slots] for s in range(rank, slots, world_size)]
 
 
-def lengths_of(dataset, group_by_length: bool) -> np.ndarray | None:
-    # One Arrow column read into numpy, not a Python list of every sample's length.
-    return dataset.with_format("numpy")["length"] if group_by_length else None
+def epoch_rows(corpus, seed: int, epoch: int, global_batch_size: int, group_by_length: bool) -> np.ndarray:
+    """The epoch's rows, in the order the steps take them: a function of the data, the seed, the
+    epoch and the global batch size only."""
+    pool = epoch_samples(corpus.rows, corpus.counts, seed, epoch)
+    lengths = corpus.lengths[pool] if group_by_length else None
+    return pool[epoch_order(len(pool), seed, epoch, global_batch_size, lengths)]
 
 
-def order_fingerprint(dataset, seed: int, epoch: int, global_batch_size: int, group_by_length: bool) -> str:
+def order_fingerprint(corpus, seed: int, epoch: int, global_batch_size: int, group_by_length: bool) -> str:
     """A hash of an epoch's sample order: recorded in each checkpoint, so that a resume whose
-    order would differ (an edited epoch_order, other data or flags) is refused, not silently run."""
-    order = epoch_order(len(dataset), seed, epoch, global_batch_size, lengths_of(dataset, group_by_length))
+    order would differ (an edited epoch_order, other data, weights or flags) is refused, not silently run."""
+    order = epoch_rows(corpus, seed, epoch, global_batch_size, group_by_length)
     return hashlib.sha256(np.asarray(order, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
@@ -77,19 +99,28 @@ def collate_fn(data_args, pad_id: int, attn: str):
     return partial(collate, pad_id=pad_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
 
 
-def step_loader(dataset, args, data_args, rank: int, world: int, pad_id: int, epoch: int, first_step: int,
+def _read_and_collate(rows: list[int], corpus, collate_rows):
+    return collate_rows(sft_data.samples_at(corpus, rows))
+
+
+def step_loader(corpus, args, data_args, rank: int, world: int, pad_id: int, epoch: int, first_step: int,
                 num_steps: int, attn: str = "sdpa"):
     """Yields, for each optimizer step of this epoch from first_step on, this process's list of
     gradient_accumulation_steps collated micro-batches."""
     gas = args.gradient_accumulation_steps
     global_batch = args.per_device_train_batch_size * gas * world
-    order = epoch_order(len(dataset), args.seed, epoch, global_batch, lengths_of(dataset, data_args.group_by_length))
-    micro_batches = [mb for step in range(first_step, num_steps)
-                     for mb in step_micro_batches(order, step, global_batch, rank, world, gas)]
-    # A generator of its own: a DataLoader draws its workers' seed from the global RNG otherwise, so
-    # a resume (which makes a loader mid-epoch) would shift every later random draw, such as dropout's.
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=micro_batches, num_workers=args.dataloader_num_workers,
-                                         collate_fn=collate_fn(data_args, pad_id, attn),
+    order = epoch_rows(corpus, args.seed, epoch, global_batch, data_args.group_by_length)
+    # Dealt out step by step as the loader asks, not listed for the whole epoch up front.
+    micro_batches = (mb for step in range(first_step, num_steps)
+                     for mb in step_micro_batches(order, step, global_batch, rank, world, gas))
+    # The loader hands each micro-batch's row numbers to the collate function, which reads them in
+    # one go. A generator of its own: a DataLoader draws its workers' seed from the global RNG
+    # otherwise, so a resume (which makes a loader mid-epoch) would shift every later random draw,
+    # such as dropout's.
+    loader = torch.utils.data.DataLoader(range(len(corpus.dataset)), batch_sampler=micro_batches,
+                                         num_workers=args.dataloader_num_workers,
+                                         collate_fn=partial(_read_and_collate, corpus=corpus,
+                                                            collate_rows=collate_fn(data_args, pad_id, attn)),
                                          generator=torch.Generator().manual_seed(args.seed))
     it = iter(loader)
     for _ in range(first_step, num_steps):

@@ -4,7 +4,9 @@
     python chat.py output/ --temperature 0.7 --top_p 0.9 --max_new_tokens 256
 
 Type a message and press Enter; the reply streams as it is generated and stops at the end-of-turn
-token. /reset starts a new conversation, /exit (or Ctrl-D) quits.
+token. A line that ends with a backslash continues the message on the next line (for a task whose
+words go on a line of their own: "Reverse the words:\" Enter "stone paper sun" Enter). /reset starts
+a new conversation, /exit (or Ctrl-D) quits. Piped input works the same way, a message per line.
 """
 
 from __future__ import annotations
@@ -46,12 +48,11 @@ def main(argv=None) -> None:
     system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt is not None else []
     history = list(system)
     interactive = sys.stdin.isatty()
+    if interactive:
+        print("Enter sends; end a line with \\ to go on on the next line; /reset starts over, /exit quits.")
     while True:
-        try:
-            line = input("you> " if interactive else "")
-        except EOFError:
-            break
-        if line.strip() == "/exit":
+        line = read_message(interactive)
+        if line is None or line.strip() == "/exit":
             break
         if line.strip() == "/reset":
             history = list(system)
@@ -63,6 +64,19 @@ def main(argv=None) -> None:
         answer = evaluation.generate_reply(model, tokenizer, evaluation.prompt_ids(tokenizer, history), args.max_new_tokens,
                                          temperature=args.temperature, top_p=args.top_p, streamer=streamer)
         history.append({"role": "assistant", "content": answer})
+
+
+def read_message(interactive: bool) -> str | None:
+    """One message: a line, continued on the next while it ends with a backslash; None at the end of input."""
+    lines: list[str] = []
+    while True:
+        try:
+            line = input(("you> " if not lines else "...> ") if interactive else "")
+        except EOFError:
+            return "\n".join(lines) if lines else None
+        if not line.endswith("\\"):
+            return "\n".join(lines + [line])
+        lines.append(line[:-1])
 
 
 if __name__ == "__main__":

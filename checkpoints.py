@@ -71,6 +71,17 @@ def save_hf_model(accelerator: Accelerator, model, tokenizer, directory: Path) -
                     state_dict.pop(target, None)
             unwrapped.save_pretrained(directory, state_dict=state_dict)
         tokenizer.save_pretrained(directory)
+        with_users_umask(directory)
+
+
+def with_users_umask(directory: Path) -> None:
+    """safetensors writes its files with mode 0600 (through a temporary file); give every file the
+    mode the user's umask gives the rest, so a shared run directory stays readable as they chose."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in Path(directory).rglob("*"):
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
 
 
 def save_base_model(accelerator: Accelerator, model, tokenizer, args) -> str:
@@ -80,6 +91,7 @@ def save_base_model(accelerator: Accelerator, model, tokenizer, args) -> str:
     if accelerator.is_main_process:
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
+        with_users_umask(path)
     accelerator.wait_for_everyone()
     return str(path.resolve())
 
@@ -98,6 +110,7 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, args, state: dic
     accelerator.save_state(str(tmp / "training_state"))  # optimizer, RNG, DeepSpeed shards
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        with_users_umask(tmp / "training_state")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         (tmp / COMPLETE).write_text("")
         if final.exists():

@@ -21,12 +21,14 @@ def collate(samples: list[dict], pad_id: int, pad_to_multiple_of: int | None = N
     width = _round_up(max(lengths), pad_to_multiple_of)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    source = torch.full((len(samples), width), -1, dtype=torch.long)
     for row, (s, n) in enumerate(zip(samples, lengths)):
         input_ids[row, :n] = torch.as_tensor(s["input_ids"], dtype=torch.long)
         labels[row, :n] = torch.as_tensor(s["labels"], dtype=torch.long)
+        source[row, :n] = s.get("source", -1)
     attention_mask = (torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]).long()
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "real_tokens": torch.tensor(sum(lengths)), **_ids(samples)}
+            "real_tokens": torch.tensor(sum(lengths)), **_ids(samples, source)}
 
 
 def collate_packed(samples: list[dict], pad_id: int, max_len: int, pad_to_multiple_of: int | None = None,
@@ -57,6 +59,7 @@ def collate_packed(samples: list[dict], pad_id: int, max_len: int, pad_to_multip
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     segment = torch.full((len(rows), width), -1, dtype=torch.long)  # which sample each position holds
+    source = torch.full((len(rows), width), -1, dtype=torch.long)
     for r, row in enumerate(rows):
         at = 0
         for k, s in enumerate(row):
@@ -66,12 +69,13 @@ def collate_packed(samples: list[dict], pad_id: int, max_len: int, pad_to_multip
             labels[r, at] = IGNORE_INDEX
             position_ids[r, at:at + n] = torch.arange(n)
             segment[r, at:at + n] = k
+            source[r, at:at + n] = s.get("source", -1)
             at += n
         # padding: each pad position is its own segment (attends to itself only: no empty softmax row)
         segment[r, at:] = torch.arange(len(row), len(row) + width - at)
         position_ids[r, at:] = torch.arange(width - at)
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-             "real_tokens": torch.tensor(sum(len(s["input_ids"]) for s in samples)), **_ids(samples)}
+             "real_tokens": torch.tensor(sum(len(s["input_ids"]) for s in samples)), **_ids(samples, source)}
     if mask_4d:
         causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
         allowed = causal[None] & (segment[:, :, None] == segment[:, None, :])
@@ -84,14 +88,18 @@ def _dummy(pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.full((1, 1), pad_id, dtype=torch.long),
             "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),
             "attention_mask": torch.ones((1, 1), dtype=torch.long), "real_tokens": torch.tensor(0),
-            "sample_id": torch.zeros((0,), dtype=torch.long)}
+            "sample_id": torch.zeros((0,), dtype=torch.long), "source": torch.full((1, 1), -1, dtype=torch.long)}
 
 
-def _ids(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """Which records these are, for logs and error messages."""
-    if samples[0].get("sample_id") is None:
-        return {}
-    return {"sample_id": torch.as_tensor([s["sample_id"] for s in samples], dtype=torch.long)}
+def _ids(samples: list[dict], source: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Which records these are (for logs and error messages) and, per token, which source each
+    comes from (for per-source losses), where the samples say."""
+    out = {}
+    if samples[0].get("sample_id") is not None:
+        out["sample_id"] = torch.as_tensor([s["sample_id"] for s in samples], dtype=torch.long)
+    if samples[0].get("source") is not None:
+        out["source"] = source
+    return out
 
 
 def _round_up(n: int, multiple: int | None) -> int:

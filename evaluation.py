@@ -74,17 +74,18 @@ def cases_from_file(path: str, tokenizer) -> list[tuple[list[int], str | None]]:
     return cases
 
 
-def held_out_cases(eval_set, tokenizer, args, end_of_turn_id: int):
-    """(exact-match cases from the validation samples, sample-generation prompts)."""
-    eval_cases = []
-    if eval_set is not None and args.max_eval_generations > 0:
-        rows = eval_set.select(range(min(len(eval_set), args.max_eval_generations)))
-        eval_cases = [c for c in (case_from_row(i, lab, tokenizer, end_of_turn_id)
-                                  for i, lab in zip(rows["input_ids"], rows["labels"])) if c is not None]
+def held_out_cases(eval_sets: dict, tokenizer, args, end_of_turn_id: int):
+    """({set name: exact-match cases from its first samples}, sample-generation prompts)."""
+    eval_cases = {}
+    for name, dataset in eval_sets.items():
+        if args.max_eval_generations > 0:
+            rows = dataset.select(range(min(len(dataset), args.max_eval_generations)))
+            eval_cases[name] = [c for c in (case_from_row(i, lab, tokenizer, end_of_turn_id)
+                                            for i, lab in zip(rows["input_ids"], rows["labels"])) if c is not None]
     if args.sample_prompts:
         sample_cases = cases_from_file(args.sample_prompts, tokenizer)[: args.num_sample_prompts]
     else:
-        sample_cases = eval_cases[: args.num_sample_prompts]
+        sample_cases = [c for cases in eval_cases.values() for c in cases][: args.num_sample_prompts]
     return eval_cases, sample_cases
 
 
@@ -125,9 +126,32 @@ def run_cases(model, tokenizer, cases, accelerator, max_new_tokens: int, synced_
         got = generate_reply(model, tokenizer, ids, max_new_tokens, synced_gpus=synced_gpus)
         if k < len(mine):
             results.append({"i": i, "prompt": tokenizer.decode(ids), "expected": expected, "reply": got,
-                            "correct": expected is not None and got.strip() == expected.strip()})
+                            "correct": expected is not None and got.strip() == expected.strip(),
+                            "user": last_user_turn(tokenizer, ids)})
     model.train(was_training)
     return sorted(gather_object(results), key=lambda r: r["i"])
+
+
+def last_user_turn(tokenizer, ids: list[int]) -> str:
+    """The prompt's last user message, as text: the training template renders a probe message to show
+    where a user turn's text starts and what follows it up to the reply."""
+    probe = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}], add_generation_prompt=True,
+                                          tokenize=False)
+    head, tail = probe.split("\x00", 1) if "\x00" in probe else ("", "")
+    head = head[head.rfind(">") + 1:] if ">" in head else head  # the user header after the last special token
+    text = tokenizer.decode(ids)
+    start = text.rfind(head) + len(head) if head and head in text else max(0, len(text) - 200)
+    return text[start:len(text) - len(tail)] if tail and text.endswith(tail) else text[start:]
+
+
+def shown(text: str, tokenizer, limit: int = 240) -> str:
+    """A message for the log: whitespace-only text summarised, long text cut in the middle, lines indented."""
+    if not text.strip():
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return f"({n} token{'s' if n != 1 else ''} of whitespace)" if n else "(nothing)"
+    if len(text) > limit:
+        text = f"{text[:limit // 2]} [... {len(text) - limit} characters ...] {text[-limit // 2:]}"
+    return text.replace("\n", "\n           ")
 
 
 def exact_match(results: list[dict]) -> float:
@@ -138,9 +162,9 @@ def exact_match(results: list[dict]) -> float:
 # --- loss on held-out data, and one evaluation ------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, dataset, batch_loss, args, data_args, accelerator, pad_id: int) -> float | None:
-    """Token-weighted mean of the training loss (batch_loss, the loop's own) over the whole set,
-    across processes; None if SIGTERM arrived meanwhile."""
+def evaluate(model, dataset, batch_loss, args, data_args, accelerator, pad_id: int) -> dict | None:
+    """The training loss (batch_loss, the loop's own) summed over the whole set, and its target
+    tokens, across processes; None if SIGTERM arrived meanwhile."""
     model.eval()
     idx = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
     bs = args.per_device_eval_batch_size
@@ -155,30 +179,42 @@ def evaluate(model, dataset, batch_loss, args, data_args, accelerator, pad_id: i
             return None
         batch = collate([dataset[i] for i in b], pad_id=pad_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        loss_sum += batch_loss(model, batch).detach()
+        loss_sum += batch_loss(model, batch).detach().sum()
         tokens += lm_logits.num_targets(batch["labels"])
     model.train()
-    sums = runtime.reduce_sums(accelerator, {"loss_sum": loss_sum, "target_tokens": tokens})
-    return sums["loss_sum"] / max(1.0, sums["target_tokens"])
+    return runtime.reduce_sums(accelerator, {"loss_sum": loss_sum, "target_tokens": tokens})
 
 
-def run_evaluation(model, tokenizer, eval_set, eval_cases, sample_cases, step: int, batch_loss, args, data_args,
-                   accelerator) -> dict | None:
+def run_evaluation(model, tokenizer, eval_sets: dict, eval_cases: dict, sample_cases, step: int, batch_loss, args,
+                   data_args, accelerator) -> dict | None:
     """Eval loss and perplexity, held-out exact match of greedy replies, and a few sample replies
-    printed so the user sees the model learn to answer and to stop. None if SIGTERM cut it short."""
+    printed so the user sees the model learn to answer and to stop. With several validation sets,
+    also each one's (eval/<name>/loss, eval/<name>/exact_match); eval_loss and eval_exact_match are
+    then over all of them. None if SIGTERM cut it short."""
     synced = runtime.is_zero3(accelerator)
     hf_model = runtime.unwrapped(model)  # generate() lives on the HF model (ZeRO-3's hooks are on it too)
-    metrics = {"step": step}
-    if eval_set is not None:
-        metrics["eval_loss"] = evaluate(model, eval_set, batch_loss, args, data_args, accelerator, tokenizer.pad_token_id)
-        if metrics["eval_loss"] is None:
+    metrics, named = {"step": step}, len(eval_sets) > 1
+    loss_sum, tokens = 0.0, 0.0
+    for name, dataset in eval_sets.items():
+        sums = evaluate(model, dataset, batch_loss, args, data_args, accelerator, tokenizer.pad_token_id)
+        if sums is None:
             return None
+        loss_sum, tokens = loss_sum + sums["loss_sum"], tokens + sums["target_tokens"]
+        if named:
+            metrics[f"eval/{name}/loss"] = sums["loss_sum"] / max(1.0, sums["target_tokens"])
+    if eval_sets:
+        metrics["eval_loss"] = loss_sum / max(1.0, tokens)
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-    if eval_cases:
-        results = run_cases(hf_model, tokenizer, eval_cases, accelerator, args.max_new_tokens, synced)
+    everything = []
+    for name, cases in eval_cases.items():
+        results = run_cases(hf_model, tokenizer, cases, accelerator, args.max_new_tokens, synced)
         if results is None:
             return None
-        metrics["eval_exact_match"] = exact_match(results)
+        everything += results
+        if named and cases:
+            metrics[f"eval/{name}/exact_match"] = exact_match(results)
+    if everything:
+        metrics["eval_exact_match"] = exact_match(everything)
     if sample_cases:
         samples = run_cases(hf_model, tokenizer, sample_cases, accelerator, args.max_new_tokens, synced)
         if samples is None:
@@ -186,8 +222,12 @@ def run_evaluation(model, tokenizer, eval_set, eval_cases, sample_cases, step: i
         if accelerator.is_main_process:
             logs.append_jsonl(Path(args.output_dir) / "generations.jsonl", [{"step": step, **r} for r in samples])
             for r in samples:
-                expected = f"   (expected {r['expected']!r})" if r["expected"] is not None else ""
-                tqdm.write(f"[step {step}] ...{r['prompt'][-60:]!r}\n    -> {r['reply']!r}{expected}")
+                verdict = "" if r["expected"] is None else " (right)" if r["correct"] else " (wrong)"
+                lines = [f"[step {step}] user:  {shown(r['user'], tokenizer)}",
+                         f"          reply: {shown(r['reply'], tokenizer)}{verdict}"]
+                if r["expected"] is not None and not r["correct"]:
+                    lines.append(f"       expected: {shown(r['expected'], tokenizer)}")
+                tqdm.write("\n".join(lines))
     log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
     logs.log_metrics(args, accelerator, metrics)
     return metrics

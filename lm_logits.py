@@ -38,6 +38,19 @@ def targets_at(labels: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:][where[:, :-1]]
 
 
+def sums_by_source(token_losses: list[torch.Tensor] | None, micro_batches: list[dict], num_sources: int) -> dict:
+    """Per source k: the loss sum ("loss_sum/k") and the target tokens ("target_tokens/k") of these
+    micro-batches, from each batch's per-token source ids; zeros for a step without losses (skipped)."""
+    loss = torch.zeros(num_sources, dtype=torch.float64)
+    tokens = torch.zeros(num_sources, dtype=torch.float64)
+    for b, losses in zip(micro_batches, token_losses or []):
+        src = b["source"][target_positions(b["labels"])].cpu()
+        tokens.index_add_(0, src, torch.ones_like(src, dtype=torch.float64))
+        loss.index_add_(0, src, losses.double().cpu())
+    return {**{f"loss_sum/{k}": loss[k] for k in range(num_sources)},
+            **{f"target_tokens/{k}": tokens[k] for k in range(num_sources)}}
+
+
 def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 

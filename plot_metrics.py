@@ -1,4 +1,5 @@
-"""Draw train/eval loss and the learning rate of a run from its metrics.jsonl.
+"""Draw a run's losses (whole, per training source, per validation set), its learning rate and
+its held-out exact match, from its metrics.jsonl.
 
     python plot_metrics.py output/            # writes output/metrics.png
 """
@@ -6,6 +7,10 @@
 import json
 import sys
 from pathlib import Path
+
+
+def series(rows: list[dict], key: str) -> list[tuple]:
+    return [(r["step"], r[key]) for r in rows if r.get(key) is not None]
 
 
 def plot(run_dir) -> Path:
@@ -16,23 +21,38 @@ def plot(run_dir) -> Path:
 
     run_dir = Path(run_dir)
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    lrs = [(r["step"], r["lr"]) for r in rows if "lr" in r]
-    fig, loss_ax = plt.subplots(figsize=(8, 4.5))
-    if train:
-        loss_ax.plot(*zip(*train), label="train loss", lw=1)
-    if evals:
-        loss_ax.plot(*zip(*evals), "o-", label="eval loss")
-    loss_ax.set_xlabel("optimizer step")
+    keys = sorted({k for r in rows for k in r})
+    sources = [k for k in keys if k.startswith("train/") and k.endswith("/loss")]
+    sets = [k for k in keys if k.startswith("eval/") and k.endswith("/loss")]
+    matches = ["eval_exact_match"] * ("eval_exact_match" in keys) + [k for k in keys if k.endswith("/exact_match")]
+    fig, axes = plt.subplots(2 if matches else 1, 1, figsize=(8, 7 if matches else 4.5), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [2, 1]} if matches else None)
+    loss_ax = axes[0][0]
+    if series(rows, "loss"):
+        loss_ax.plot(*zip(*series(rows, "loss")), label="train loss", lw=1)
+    for k in sources:
+        loss_ax.plot(*zip(*series(rows, k)), lw=0.8, alpha=0.8, label=k)
+    if series(rows, "eval_loss"):
+        loss_ax.plot(*zip(*series(rows, "eval_loss")), "o-", label="eval loss")
+    for k in sets:
+        loss_ax.plot(*zip(*series(rows, k)), "s--", ms=3, lw=0.8, label=k)
     loss_ax.set_ylabel("loss (token-weighted)")
     lr_ax = loss_ax.twinx()
-    if lrs:
-        lr_ax.plot(*zip(*lrs), color="gray", ls="--", lw=1, label="learning rate")
+    if series(rows, "lr"):
+        lr_ax.plot(*zip(*series(rows, "lr")), color="gray", ls="--", lw=1, label="learning rate")
     lr_ax.set_ylabel("learning rate")
     handles = loss_ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
-    loss_ax.legend(handles, [h.get_label() for h in handles], loc="upper right")
+    loss_ax.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize="small")
     loss_ax.set_title(str(run_dir))
+    if matches:
+        em_ax = axes[1][0]
+        for k in matches:
+            em_ax.plot(*zip(*[(s, 100 * v) for s, v in series(rows, k)]), "o-", ms=3,
+                       label="held-out exact match" if k == "eval_exact_match" else k)
+        em_ax.set_ylabel("exact match (%)")
+        em_ax.set_ylim(-2, 102)
+        em_ax.legend(loc="lower right", fontsize="small")
+    axes[-1][0].set_xlabel("optimizer step")
     fig.tight_layout()
     out = run_dir / "metrics.png"
     fig.savefig(out, dpi=100)
@@ -41,6 +61,11 @@ def plot(run_dir) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "metrics.jsonl").is_file():
+    if len(sys.argv) != 2:
         raise SystemExit("usage: python plot_metrics.py RUN_DIR   (a directory with metrics.jsonl)")
-    print(plot(sys.argv[1]))
+    run = Path(sys.argv[1])
+    if not run.is_dir():
+        raise SystemExit(f"error: {run}: no such directory")
+    if not (run / "metrics.jsonl").is_file():
+        raise SystemExit(f"error: {run} holds no metrics.jsonl (a run writes it in its --output_dir)")
+    print(plot(run))

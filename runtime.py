@@ -13,6 +13,10 @@ import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import DistributedType, ProjectConfiguration, gather_object
 
+if not torch.cuda.is_available():
+    # DeepSpeed's own setting: told it is on a CPU, it does not warn that it "was unable to detect" a GPU.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 
 def make_accelerator(args) -> Accelerator:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -68,6 +72,17 @@ def configure_deepspeed(accelerator: Accelerator, args) -> None:
     if zero.get("stage") == 3:
         # Without it a ZeRO-3 save writes an empty state dict.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def idle_cores_note(accelerator: Accelerator) -> str | None:
+    """accelerate launch gives each process one CPU thread on a CPU-only machine unless told otherwise:
+    then most cores idle, and training runs at a fraction of the speed python train_loop.py gets."""
+    cores, world = os.cpu_count() or 1, accelerator.num_processes
+    if "LOCAL_RANK" not in os.environ or accelerator.device.type != "cpu" or torch.get_num_threads() > 1 or cores <= world:
+        return None
+    return (f"each of the {world} processes computes with 1 CPU thread (accelerate launch's default on a CPU), so "
+            f"{cores - world} of this machine's {cores} cores are idle; pass --num_cpu_threads_per_process "
+            f"{max(1, cores // world)} to accelerate launch")
 
 
 def is_zero3(accelerator: Accelerator) -> bool:

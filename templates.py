@@ -249,10 +249,33 @@ def end_of_turn(template: str, tokenizer) -> str:
     return max(found)[1] if found else tokenizer.eos_token
 
 
-def _labels(input_ids: list[int], offsets, spans) -> list[int]:
+def _labels(enc, spans) -> list[int]:
     """A token is trained when all its characters lie in an assistant span. A token that straddles
     the span's start (a reply starting with a newline merges with the header's) holds a header
-    character, so it stays masked."""
+    character, so it stays masked.
+
+    Tokens follow the text in order, so each span's trained tokens are one run, found from the
+    tokens at its two ends (a few lookups) rather than from every token's offsets."""
+    ids = enc.ids
+    labels = [IGNORE_INDEX] * len(ids)
+    for a, b in spans:
+        if b <= a:
+            continue
+        first, last = enc.char_to_token(a), enc.char_to_token(b - 1)
+        if first is None or last is None:  # a character no token holds: take every token's offsets
+            return _labels_from_offsets(ids, enc.offsets, spans)
+        while first <= last and enc.token_to_chars(first)[0] < a:
+            first += 1
+        # the last character's bytes may go on into the next tokens (byte-level BPE splits characters)
+        while last + 1 < len(ids) and a <= enc.token_to_chars(last + 1)[0] and enc.token_to_chars(last + 1)[1] <= b:
+            last += 1
+        while last >= first and enc.token_to_chars(last)[1] > b:
+            last -= 1
+        labels[first:last + 1] = ids[first:last + 1]
+    return labels
+
+
+def _labels_from_offsets(input_ids: list[int], offsets, spans) -> list[int]:
     ids = np.asarray(input_ids, dtype=np.int64)
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     keep = np.zeros(len(ids), dtype=bool)
@@ -263,13 +286,16 @@ def _labels(input_ids: list[int], offsets, spans) -> list[int]:
 
 def encode_many(conversations: list[list[dict]], tokenizer, template: str = "qwen2.5", max_len: int | None = None,
                 system_prompt: str | None = None) -> dict[str, list]:
-    """Batched encode: one call into the (Rust) tokenizer for all rendered texts."""
+    """Batched encode: one call into the (Rust) tokenizer for all rendered texts. "truncated" says
+    which conversations were longer than max_len (and cut to their first max_len tokens)."""
     rendered = [render(with_system_prompt(m, system_prompt), template, tokenizer) for m in conversations]
-    enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True,
-                    return_attention_mask=False)
-    out = {"input_ids": [], "labels": []}
-    for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered):
-        labels = _labels(ids, offsets, spans)
+    # The Rust tokenizer itself, as transformers calls it, without turning every encoding into
+    # Python lists of offsets and masks first (that conversion cost more than the tokenizing).
+    encodings = tokenizer.backend_tokenizer.encode_batch([t for t, _ in rendered], add_special_tokens=False)
+    out = {"input_ids": [], "labels": [], "truncated": []}
+    for enc, (_, spans) in zip(encodings, rendered):
+        ids, labels = enc.ids, _labels(enc, spans)
+        out["truncated"].append(max_len is not None and len(ids) > max_len)
         if max_len is not None:  # keep the start: the system prompt and first turns
             ids, labels = ids[:max_len], labels[:max_len]
         out["input_ids"].append(ids)

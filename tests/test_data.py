@@ -20,8 +20,10 @@ def write_jsonl(path, records):
 
 
 def prepare(files, tok, cache, **kw):
+    """The usable samples of these sources, in order, as the loop reads them."""
     kw = {"template": "qwen2.5", "max_len": 2048, "system_prompt": None, **kw}
-    return sft_data.prepare_dataset(files, tok, cache_dir=cache, **kw)
+    corpus = sft_data.load_corpus([{"spec": f} for f in files], tok, cache_dir=cache, **kw)
+    return sft_data.first_samples(corpus)
 
 
 def test_reads_json_jsonl_and_parquet_with_all_shapes(tmp_path, qwen_tok):
@@ -37,7 +39,7 @@ def test_reads_json_jsonl_and_parquet_with_all_shapes(tmp_path, qwen_tok):
     expected = [templates.encode(templates.to_messages(r), qwen_tok) for r in (BELLE, OPENAI, ALPACA, BELLE)]
     assert [row["input_ids"] for row in ds] == [e["input_ids"] for e in expected]
     assert [row["labels"] for row in ds] == [e["labels"] for e in expected]
-    assert ds["sample_id"] == [0, 1, 2, 3]
+    assert [row["sample_id"] for row in ds] == [0, 1, 2, 3]
 
 
 def test_second_run_reads_the_cache_instead_of_tokenizing(tmp_path, qwen_tok, monkeypatch):
@@ -47,7 +49,7 @@ def test_second_run_reads_the_cache_instead_of_tokenizing(tmp_path, qwen_tok, mo
     real = templates.encode_many
     monkeypatch.setattr(templates, "encode_many", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = prepare([f], qwen_tok, tmp_path / "cache")
-    assert calls == [] and again["input_ids"] == first["input_ids"]
+    assert calls == [] and again == first
     prepare([f], qwen_tok, tmp_path / "cache", max_len=1000)  # other settings: tokenized anew
     assert calls
 
@@ -57,8 +59,8 @@ def test_samples_without_trainable_tokens_after_truncation_are_dropped_and_repor
     f = write_jsonl(tmp_path / "t.jsonl", [BELLE, long_prompt, OPENAI])
     with caplog.at_level("WARNING", logger="sft"):
         ds = prepare([f], qwen_tok, tmp_path / "cache", max_len=64)
-    assert len(ds) == 2 and ds["sample_id"] == [0, 2]
-    assert all(len(ids) <= 64 for ids in ds["input_ids"])
+    assert [row["sample_id"] for row in ds] == [0, 2]
+    assert all(len(row["input_ids"]) <= 64 for row in ds)
     assert "Dropped 1 of 3 train sample(s) with no trainable token left after truncation to max_len=64" in caplog.text
 
 

@@ -50,7 +50,11 @@ def test_generations_are_printed_and_logged(short_run):
     # the untrained model rambles to the length bound; the trained one stops at <|im_end|>
     first, last = [g for g in gens if g["step"] == 0], [g for g in gens if g["step"] == 1000]
     assert sum(len(g["reply"]) for g in last) < sum(len(g["reply"]) for g in first)
-    assert "[step 1000]" in p.stdout + p.stderr and "-> " in p.stdout + p.stderr
+    # printed as text: the last user turn whole (its second line indented), the reply, what was expected
+    printed = p.stdout + p.stderr
+    first = json.loads(open(REPO / "data" / "sample_belle_eval.jsonl").readline())["conversations"][-2]["value"]
+    assert f"[step 1000] user:  {first}".replace("\n", "\n           ") in printed
+    assert "          reply: " in printed and "\\n" not in printed
 
 
 def test_tensorboard_events_and_the_plot(short_run):
@@ -61,12 +65,17 @@ def test_tensorboard_events_and_the_plot(short_run):
     png.unlink()
     subprocess.run([sys.executable, "plot_metrics.py", str(out)], cwd=REPO, check=True, capture_output=True)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for where, message in ((out / "nope", f"error: {out / 'nope'}: no such directory"),
+                           (out / "runs", f"error: {out / 'runs'} holds no metrics.jsonl")):
+        p = subprocess.run([sys.executable, "plot_metrics.py", str(where)], cwd=REPO, capture_output=True, text=True)
+        assert p.returncode == 1 and p.stderr.startswith(message), p.stderr
 
 
 def test_chat_streams_replies_with_the_training_template_and_stops(short_run):
     out, _ = short_run
+    # a trailing backslash continues the message on the next line, as the sample tasks need
     p = subprocess.run([sys.executable, "chat.py", str(out), "--max_new_tokens", "24"], cwd=REPO, capture_output=True,
-                       text=True, input="Repeat after me: sun moon\nSay that again.\n/exit\n", timeout=120)
+                       text=True, input="Repeat after me:\\\nsun moon\nSay that again.\n/exit\n", timeout=120)
     assert p.returncode == 0, p.stderr
     replies = [line[len("model> "):] for line in p.stdout.splitlines() if line.startswith("model> ")]
     assert len(replies) == 2
@@ -77,7 +86,7 @@ def test_chat_streams_replies_with_the_training_template_and_stops(short_run):
 
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
-    msgs = [{"role": "user", "content": "Repeat after me: sun moon"}]
+    msgs = [{"role": "user", "content": "Repeat after me:\nsun moon"}]
     expected = evaluation.generate_reply(model, tok, evaluation.prompt_ids(tok, msgs), 24)
     assert replies[0].strip() == expected.strip()
     assert "<|im_end|>" not in p.stdout
@@ -88,7 +97,7 @@ def test_sample_prompts_file_and_validation_split(tmp_path, sft_cache):
     prompts.write_text("Repeat after me: cat dog\n请重复：小猫\n")
     out = tmp_path / "out"
     train(["--output_dir", out, "--max_steps", 4, "--validation_split_percentage", 10, "--sample_prompts", prompts,
-           "--max_new_tokens", 8, "--max_eval_generations", 5], sft_cache)
+           "--max_new_tokens", 8, "--max_eval_generations", 5, "--eval_steps", 0], sft_cache)
     gens = [json.loads(line) for line in open(out / "generations.jsonl")]
     assert [g["step"] for g in gens] == [0, 0, 4, 4]
     assert all(g["expected"] is None for g in gens)

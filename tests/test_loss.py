@@ -42,7 +42,7 @@ def batch(samples, qwen_tok):
 
 def loss_and_grads(kind, batch, chunk):
     model = small(kind)
-    loss = train_loop.batch_loss(model, batch, chunk)
+    loss = train_loop.batch_loss(model, batch, chunk).sum()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -116,10 +116,10 @@ def test_both_paths_run_the_head_in_the_same_precision_under_bf16_autocast(kind,
         for chunk in (None, 37):
             model = accelerator.prepare(small(kind))
             with torch.no_grad():
-                results[chunk] = train_loop.batch_loss(model, batch, chunk).item()
+                results[chunk] = train_loop.batch_loss(model, batch, chunk).sum().item()
     finally:
         AcceleratorState._reset_state(True)
-    fp32 = train_loop.batch_loss(small(kind), batch, None).item()
+    fp32 = train_loop.batch_loss(small(kind), batch, None).sum().item()
     assert results[37] == pytest.approx(results[None], rel=1e-5)
     assert abs(results[None] - fp32) > 20 * abs(results[37] - results[None])  # bf16 really was in use
 

@@ -51,8 +51,8 @@ train_loop.learning_rate_at = learning_rate_at
 
 NEW_METRIC = '''
 step_sums = train_loop.step_sums
-train_loop.step_sums = lambda result, micro_batches: {
-    **step_sums(result, micro_batches), "samples": sum(len(b["sample_id"]) for b in micro_batches)}
+train_loop.step_sums = lambda result, micro_batches, *more: {
+    **step_sums(result, micro_batches, *more), "samples": sum(len(b["sample_id"]) for b in micro_batches)}
 '''
 
 # batches.epoch_order, edited in place: a curriculum, shortest conversations first in each epoch

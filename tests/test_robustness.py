@@ -20,8 +20,9 @@ GOOD_LINE = json.dumps(GOOD)
 
 
 def prepare(path, tok, cache, **kw):
-    return sft_data.prepare_dataset([str(path)], tok, template="qwen2.5", max_len=2048, system_prompt=None,
-                                    cache_dir=cache, **kw)
+    corpus = sft_data.load_corpus([{"spec": str(path)}], tok, template="qwen2.5", max_len=2048, system_prompt=None,
+                                  cache_dir=cache, **kw)
+    return sft_data.first_samples(corpus)
 
 
 # --- 1. bad data -----------------------------------------------------------------------------
@@ -52,7 +53,7 @@ def test_each_kind_of_bad_record_is_named_with_file_and_line(tmp_path, tiny_tok,
         prepare(f, tiny_tok, tmp_path / "cache")
     # --skip_invalid_samples: the other records are kept, the bad one counted
     ds = prepare(f, tiny_tok, tmp_path / "cache", skip_invalid=True)
-    assert ds["sample_id"] == [0, 1, 3]
+    assert [s["sample_id"] for s in ds] == [0, 1, 3]
 
 
 def test_truncated_last_line(tmp_path, tiny_tok):

@@ -28,7 +28,7 @@ def test_packed_loss_and_gradients_equal_unpacked(samples, qwen_tok, attn):
                   collate_packed(samples, pad_id=qwen_tok.pad_token_id, max_len=160)):
         model = tiny_model(151936)
         model.config._attn_implementation = attn
-        loss = train_loop.batch_loss(model, batch, None)
+        loss = train_loop.batch_loss(model, batch, None).sum()
         loss.backward()
         results.append((loss.detach(), grads(model), batch))
     (plain, g_plain, b_plain), (packed, g_packed, b_packed) = results

@@ -194,3 +194,18 @@ def test_end_of_turn_is_the_templates_not_the_tokenizers_eos(llama3_tok):
     assert llama3_tok.eos_token == "<|im_end|>"
     assert templates.end_of_turn("llama3", llama3_tok) == "<|eot_id|>"
     assert templates.end_of_turn("tokenizer", llama3_tok) == "<|eot_id|>"  # found by rendering
+
+
+def test_labels_from_the_span_ends_equal_labels_from_every_tokens_offsets(qwen_tok):
+    """encode_many finds each reply's trained tokens from the tokens at its two ends; every token's
+    character offsets (the slower way) must give the very same labels, also where a character's bytes
+    are split over tokens (emoji, CJK) or a reply's first newline merges with the header's."""
+    replies = ["\n\nhi", "hi\n\n", " 😀 ok 😀", "e\u0301 café", "\n", "  ", "中文\n", "😀", "🧑‍🚀🧑‍🚀 a", "x" * 300, ""]
+    convs = [[{"role": "user", "content": "q 😀"}, {"role": "assistant", "content": r},
+              {"role": "user", "content": "again"}, {"role": "assistant", "content": r[::-1]}] for r in replies]
+    fast = templates.encode_many(convs, qwen_tok)
+    for conv, ids, labels in zip(convs, fast["input_ids"], fast["labels"]):
+        text, spans = templates.render(conv, "qwen2.5", qwen_tok)
+        enc = qwen_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert ids == enc["input_ids"]
+        assert labels == templates._labels_from_offsets(enc["input_ids"], enc["offset_mapping"], spans), conv[1]

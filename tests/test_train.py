@@ -1,6 +1,7 @@
 """The loop, end to end: real tiny Qwen2 model, real files, real accelerate/DeepSpeed on CPU."""
 
 import json
+import os
 import shutil
 import sys
 
@@ -26,13 +27,22 @@ def test_short_run_lowers_loss_and_saves_a_loadable_hf_model(tmp_path, sft_cache
     import templates
 
     out = tmp_path / "out"
-    train(["--output_dir", out, "--max_steps", 40, "--save_steps", 20, "--validation_files", EVAL], sft_cache)
+    p = train(["--output_dir", out, "--max_steps", 40, "--save_steps", 20, "--validation_files", EVAL], sft_cache)
     loss = losses(out)
     first, last = sum(loss[s] for s in range(1, 6)) / 5, sum(loss[s] for s in range(36, 41)) / 5
     assert last < first - 1.5, (first, last)
     evals = [m for m in metrics(out) if "eval_loss" in m]
-    assert [m["step"] for m in evals] == [0, 20, 40]  # before training, at each save, at the end
-    assert evals[2]["eval_loss"] < evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    assert [m["step"] for m in evals] == list(range(0, 41, 4))  # before training, every 10% by default
+    assert evals[10]["eval_loss"] < evals[5]["eval_loss"] < evals[0]["eval_loss"]
+    # off a terminal: a progress line every 5% instead of a progress bar, and no noise from the libraries
+    assert "step 2/40 (5%): loss " in p.stderr and "step 40/40 (100%)" in p.stderr and "it/s" not in p.stderr
+    assert p.stderr.startswith(f"{p.stderr[:8]} INFO 1 process, no distributed backend, global batch 32")
+    for noise in ("Removed shared tensor", "generated new fontManager", "Setting accelerator to CPU", "[RANK 0]"):
+        assert noise not in p.stderr, noise
+    # every file with the user's umask (safetensors alone would write 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(f.stat().st_mode & 0o777) for f in out.rglob("*") if f.is_file()} == {oct(0o666 & ~umask)}
 
     for d in (out, out / "checkpoint-20", out / "checkpoint-40"):
         assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()
@@ -102,12 +112,68 @@ def test_yaml_config_file_with_command_line_override(tmp_path, sft_cache, refere
     assert max_diff(weights(out), weights(reference_run)) == 0.0
 
 
+def one_line_error(args, cache) -> str:
+    p = run_cmd([sys.executable, "train_loop.py", *map(str, args)], cache, check=False)
+    assert p.returncode != 0 and p.stderr.count("\n") == 1 and "usage" not in p.stderr, p.stderr
+    return p.stderr.strip()
+
+
 def test_bad_flag_is_a_clear_error(tmp_path, sft_cache):
-    p = train(["--output_dir", tmp_path / "o", "--lr_scheduler_type", "wavy"], sft_cache, check=False)
-    assert p.returncode != 0 and "invalid choice: 'wavy'" in p.stderr
+    assert one_line_error(["--lr_scheduler_type", "wavy"], sft_cache).startswith(
+        "error: argument --lr_scheduler_type: invalid choice: 'wavy' (choose from")
+    assert one_line_error(["--learning_rate", "fast"], sft_cache) == (
+        "error: argument --learning_rate: invalid float value: 'fast' (python train_loop.py --help lists the flags)")
+    # no abbreviations: a prefix of a flag is an unknown flag, not that flag
+    assert one_line_error(["--learning_rat", "1e-3"], sft_cache) == (
+        "error: unknown flag --learning_rat; did you mean --learning_rate?")
+    assert one_line_error(["--lerning-rate", "1e-3"], sft_cache) == (
+        "error: unknown flag --lerning-rate; did you mean --learning_rate?")
+    assert one_line_error(["--frobnicate"], sft_cache) == (
+        "error: unknown flag --frobnicate (python train_loop.py --help lists the flags)")
     p = run_cmd([sys.executable, "train_loop.py", "--output_dir", tmp_path / "o2", "--train_files", tmp_path / "none.jsonl"],
                 sft_cache, check=False)
     assert p.returncode != 0 and "none.jsonl: no such file" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_help_groups_every_flag_with_its_help_and_default_once():
+    import args
+
+    p = run_cmd([sys.executable, "train_loop.py", "--help"], REPO / ".no-cache", check=True)
+    text = p.stdout
+    assert text.startswith("usage: python train_loop.py [run.yaml] [--flag value ...]\n\nSupervised fine-tuning")
+    assert "accelerate launch" in text and "README.md" in text
+    headings = [h + ":" for h in args.HEADINGS]
+    assert [line for line in text.splitlines() if line in headings] == headings
+    parser = args.make_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, action.dest
+        assert action.help.count("default") <= 1, action.help
+        assert action in [a for g in parser._action_groups if g.title in args.HEADINGS for a in g._group_actions], action.dest
+    assert str(REPO) not in text  # no path of this clone
+    no_plot = next(a for a in parser._actions if a.option_strings == ["--no_plot"])
+    assert no_plot.help == "turn --plot off"
+
+
+def test_cpu_threads_note_under_accelerate_launch(monkeypatch):
+    import types
+
+    import runtime
+
+    fake = types.SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert runtime.idle_cores_note(fake) == (
+            "each of the 2 processes computes with 1 CPU thread (accelerate launch's default on a CPU), so 6 of this "
+            "machine's 8 cores are idle; pass --num_cpu_threads_per_process 4 to accelerate launch")
+        torch.set_num_threads(4)
+        assert runtime.idle_cores_note(fake) is None
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_plain_python_run_calls_loss_and_collator_in_this_process(tmp_path, sft_cache, monkeypatch):
