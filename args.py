@@ -67,6 +67,9 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for tokenization"})
     preprocessing_cache_dir: str | None = field(default=None, metadata={
         "help": "where tokenized data is cached (default: $SFT_CACHE or ~/.cache/sft-loop)"})
+    cache_on_each_node: bool = field(default=False, metadata={
+        "help": "several nodes whose cache directories are node-local disks: tokenize once on each node into "
+                "its own cache (without it, a cache the nodes do not share is an error)"})
     skip_invalid_samples: bool = field(default=False, metadata={"help": "skip bad records instead of stopping"})
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "pad batch width to a multiple (8 on GPUs)"})
     group_by_length: bool = field(default=False, metadata={
@@ -142,6 +145,8 @@ class TrainArguments:
         "help": "skip an optimizer step whose loss or gradient norm is NaN/inf instead of stopping"})
     log_sample_ids: bool = field(default=False, metadata={
         "help": "append the ids (row numbers in the training files) of each step's samples to output_dir/sample_ids.jsonl"})
+    ddp_timeout: int = field(default=1800, metadata={
+        "help": "seconds a collective waits for the other processes before the run stops (a node died or hangs)"})
 
 
 def config_file_args(path: str) -> list[str]:
@@ -169,12 +174,12 @@ def config_file_args(path: str) -> list[str]:
 DESCRIPTION = """Supervised fine-tuning of a causal LM on conversations, trained on the assistant's replies only.
 
   python train_loop.py [FLAGS]                          one process (CPU or one GPU); breakpoints work
-  accelerate launch [--config_file C] train_loop.py [FLAGS]   DDP or DeepSpeed, as the accelerate config says
+  accelerate launch [--config_file C] train_loop.py [FLAGS]   DDP, DeepSpeed or FSDP2, as the accelerate config says
   python train_loop.py run.yaml [FLAGS]                 flags from a YAML/JSON file; later flags override it
 
 With no flags it trains a tiny model on data/sample_belle.jsonl (a few minutes on a CPU).
 README.md: Two commands, Data (sources, mixtures), The flags that matter, LoRA and QLoRA,
-Checkpoints and resuming, Changing the loop."""
+Checkpoints and resuming, Beyond one machine, Changing the loop."""
 
 # --help shows the flags under these headings, in this order (a flag not listed stays under "other").
 HEADINGS = {
@@ -194,6 +199,7 @@ HEADINGS = {
                                "log_sample_ids"],
     "speed and memory": ["bf16", "gradient_checkpointing", "group_by_length", "packing", "pad_to_multiple_of",
                          "chunked_ce", "ce_chunk_mb", "ce_chunk_size", "dataloader_num_workers"],
+    "several processes and nodes": ["cache_on_each_node", "ddp_timeout"],
 }
 
 

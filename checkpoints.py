@@ -3,8 +3,10 @@ into place when complete), the final model, and resuming (only from complete, pl
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -13,6 +15,7 @@ import torch
 from accelerate import Accelerator
 
 import adapters
+import runtime
 
 def prepare_output_dir(args, accelerator: Accelerator) -> str | None:
     """The checkpoint to resume from, if any; refuses to write into a used directory otherwise."""
@@ -153,13 +156,50 @@ def check_state_is_plain_data(state_dir: Path) -> None:
         pass
     for f in sorted(state_dir.rglob("*")):
         if f.suffix in (".pt", ".bin", ".pkl"):
-            try:
-                with torch.serialization.safe_globals(allowed):
-                    torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-                raise SystemExit(f"error: refusing to resume from {f}: it holds more than tensors and plain data "
-                                 f"({what.group(1) if what else str(e).splitlines()[0][:200]})") from None
+            _load_plain(f, f, allowed)
+        elif f.name == ".metadata":  # FSDP's torch.distributed.checkpoint: read with pickle.load, then torch.load
+            _check_dcp_checkpoint(f, allowed)
+
+
+def _load_plain(source, f: Path, allowed: list) -> None:
+    try:
+        with torch.serialization.safe_globals(allowed):
+            torch.load(source, map_location="cpu", weights_only=True, **({"mmap": True} if source is f else {}))
+    except Exception as e:
+        what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise SystemExit(f"error: refusing to resume from {f}: it holds more than tensors and plain data "
+                         f"({what.group(1) if what else str(e).splitlines()[0][:200]})") from None
+
+
+class _DcpMetadata(pickle.Unpickler):
+    """Unpickles a torch.distributed.checkpoint index and nothing else: its record types, sizes, dtypes, paths."""
+
+    def find_class(self, module: str, name: str):
+        record = module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+        if (record and (name[0].isupper() or name in ("_StorageInfo", "_MEM_FORMAT_ENCODING"))) \
+                or (module, name) in (("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")) \
+                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+
+
+def _check_dcp_checkpoint(meta_file: Path, allowed: list) -> None:
+    """The index, then every non-tensor item (which torch.distributed.checkpoint loads with
+    weights_only=False), each proven plain as above; tensors are stored as raw bytes."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    try:
+        with open(meta_file, "rb") as fh:
+            metadata = _DcpMetadata(fh).load()
+    except Exception as e:
+        raise SystemExit(f"error: refusing to resume from {meta_file}: it holds more than a checkpoint index "
+                         f"({str(e).splitlines()[0][:200]})") from None
+    for index, where in metadata.storage_data.items():
+        if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            f = meta_file.parent / where.relative_path
+            with open(f, "rb") as fh:
+                fh.seek(where.offset)
+                _load_plain(io.BytesIO(fh.read(where.length)), f, allowed)
 
 
 def resume(accelerator: Accelerator, resume_dir: str, global_batch: int, seed: int, data_order,
@@ -182,8 +222,27 @@ def resume(accelerator: Accelerator, resume_dir: str, global_batch: int, seed: i
                          f"now {now}): the data, --group_by_length or the batch order code (batches.py) "
                          "changed, so resuming would not continue the same data. Restore them, or start a new run "
                          f"from its weights: --model_name_or_path {ckpt}")
+    saved_by, now_engine = engine_of(ckpt / "training_state"), runtime.engine(accelerator)
+    if saved_by != now_engine:
+        raise SystemExit(f"error: {ckpt} holds {ENGINES[saved_by]} training state, which {ENGINES[now_engine]} cannot "
+                         f"load. Resume it with the accelerate config it was trained with, or start a new run "
+                         f"from its weights (its model.safetensors): --model_name_or_path {ckpt} (the optimizer "
+                         "state starts afresh)")
     accelerator.load_state(str(ckpt / "training_state"))
     return state
+
+
+ENGINES = {"deepspeed": "DeepSpeed's (ZeRO)", "fsdp": "FSDP's (sharded)", "plain": "a single process's or DDP's"}
+
+
+def engine_of(state_dir: Path) -> str:
+    """Which engine wrote a checkpoint's training state, from its files: DeepSpeed keeps its shards in
+    pytorch_model/, FSDP in pytorch_model_fsdp_0/; one process and DDP write model.safetensors."""
+    if (state_dir / "pytorch_model").is_dir():
+        return "deepspeed"
+    if (state_dir / "pytorch_model_fsdp_0").is_dir():
+        return "fsdp"
+    return "plain"
 
 
 LOGS = ("metrics.jsonl", "generations.jsonl", "sample_ids.jsonl")

@@ -191,8 +191,8 @@ def run_evaluation(model, tokenizer, eval_sets: dict, eval_cases: dict, sample_c
     printed so the user sees the model learn to answer and to stop. With several validation sets,
     also each one's (eval/<name>/loss, eval/<name>/exact_match); eval_loss and eval_exact_match are
     then over all of them. None if SIGTERM cut it short."""
-    synced = runtime.is_zero3(accelerator)
-    hf_model = runtime.unwrapped(model)  # generate() lives on the HF model (ZeRO-3's hooks are on it too)
+    synced = runtime.shards_parameters(accelerator)  # every process runs each forward: each holds a slice of the weights
+    hf_model = runtime.unwrapped(model)  # generate() lives on the HF model (ZeRO-3's and FSDP's hooks are on it too)
     metrics, named = {"step": step}, len(eval_sets) > 1
     loss_sum, tokens = 0.0, 0.0
     for name, dataset in eval_sets.items():

@@ -124,15 +124,15 @@ def keeps_the_models_logits(model, batch: dict) -> tuple[bool, float]:
     return diff <= 1e-3 * max(scale, 1.0), diff
 
 
-def chunk_size(model, args, zero3: bool, sample: dict, pad_id: int) -> int | None:
+def chunk_size(model, args, sharded: bool, sample: dict, pad_id: int) -> int | None:
     """Tokens per chunk for the chunked path, or None for all at once (said once in the log).
     `sample` (a training sample) checks that chunking keeps this model's logits."""
     vocab = model.get_output_embeddings().out_features  # not the (possibly partitioned) weight's shape
     if args.chunked_ce == "false" or (args.chunked_ce == "auto" and vocab < 32_000):
         return None
-    if zero3:
-        log.info("chunked cross-entropy is off under ZeRO-3 (its LM head is gathered only inside the model's own "
-                 "forward); logits are computed for the target positions only")
+    if sharded:
+        log.info("chunked cross-entropy is off under ZeRO-3 and FSDP (the LM head is gathered only inside the model's "
+                 "own forward); logits are computed for the target positions only")
         return None
     device = next(model.parameters()).device
     probe = {k: v.to(device) for k, v in collate([sample], pad_id=pad_id).items()}

@@ -1,17 +1,19 @@
-"""The processes: the accelerator (DDP or DeepSpeed, as the accelerate config says), numbers summed
-across processes, and stopping cleanly on SIGTERM."""
+"""The processes: the accelerator (DDP, DeepSpeed or FSDP2, as the accelerate config says), numbers
+summed across processes, stopping cleanly on SIGTERM, and a clear end when another node is lost."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, InitProcessGroupKwargs
-from accelerate.utils import DistributedType, ProjectConfiguration, gather_object
+from accelerate import Accelerator, InitProcessGroupKwargs, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration, gather_object
 
 if not torch.cuda.is_available():
     # DeepSpeed's own setting: told it is on a CPU, it does not warn that it "was unable to detect" a GPU.
@@ -21,10 +23,11 @@ if not torch.cuda.is_available():
 def make_accelerator(args) -> Accelerator:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     launched = "LOCAL_RANK" in os.environ or world_size > 1
-    kwargs_handlers, cpu = [], False
+    timeout = datetime.timedelta(seconds=args.ddp_timeout)  # a peer that died or hangs ends a collective then, not never
+    kwargs_handlers, cpu = [InitProcessGroupKwargs(timeout=timeout)], False
     if launched and not torch.cuda.is_available():
         # Without CUDA the default backend is not gloo, and accelerate then sees one process per rank.
-        kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        kwargs_handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
         # A multi-GPU config on a CPU-only machine starts the processes but leaves them unconnected
         # (distributed type NO) unless accelerate is told it is on CPU.
         cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
@@ -44,6 +47,15 @@ def make_accelerator(args) -> Accelerator:
                               kwargs_handlers=kwargs_handlers, cpu=cpu, log_with=trackers,
                               project_config=ProjectConfiguration(project_dir=args.output_dir,
                                                                   logging_dir=str(Path(args.output_dir) / "runs")))
+    if fsdp_wanted() and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        # accelerate selects FSDP only on an accelerator device; torch's FSDP2 itself runs on CPU over
+        # gloo, so on a CPU-only machine (tests, debugging) the processes are told here. Both shared
+        # states are set: AcceleratorState copies PartialState's on every construction.
+        PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise SystemExit("error: the accelerate config asks for FSDP version 1; this loop supports FSDP2: set "
+                         "fsdp_version: 2 under fsdp_config (see configs/fsdp2.yaml)")
     if world_size > 1 and (accelerator.num_processes != world_size or accelerator.distributed_type == DistributedType.NO):
         raise SystemExit(f"error: launched {world_size} processes, but accelerate set up {accelerator.num_processes} "
                          f"({accelerator.distributed_type.value}); they would train separately. On CPU use "
@@ -69,6 +81,11 @@ def configure_deepspeed(accelerator: Accelerator, args) -> None:
         ds[key] = value
     ds["train_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     zero = ds.setdefault("zero_optimization", {})
+    if zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None) and args.optim != "adamw_torch":
+        # accelerate hands DeepSpeed its CPU Adam in place of whatever optimizer it is given.
+        raise SystemExit(f"error: --optim {args.optim} with the optimizer offloaded to CPU memory: DeepSpeed updates "
+                         "offloaded weights with its CPU Adam only; use --optim adamw_torch or a config without "
+                         "offload_optimizer_device")
     if zero.get("stage") == 3:
         # Without it a ZeRO-3 save writes an empty state dict.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -92,6 +109,21 @@ def is_zero3(accelerator: Accelerator) -> bool:
 
 def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def fsdp_wanted() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def shards_parameters(accelerator: Accelerator) -> bool:
+    """ZeRO-3 or FSDP: each process holds a slice of every weight, gathered only inside the model's forward."""
+    return is_zero3(accelerator) or accelerator.distributed_type == DistributedType.FSDP
+
+
+def engine(accelerator: Accelerator) -> str:
+    """What wrote (or will read) the training state: 'deepspeed', 'fsdp' or 'plain' (one process or DDP)."""
+    kind = accelerator.distributed_type
+    return "deepspeed" if kind == DistributedType.DEEPSPEED else "fsdp" if kind == DistributedType.FSDP else "plain"
 
 
 def unwrapped(model):
@@ -160,9 +192,57 @@ def describe(accelerator: Accelerator) -> str:
         engine = "no distributed backend"
     elif kind == DistributedType.DEEPSPEED:
         engine = f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        offloaded = [what for what in ("optimizer", "param")
+                     if zero.get(f"offload_{what}", {}).get("device", "none") not in ("none", None)]
+        if offloaded:
+            engine += f", {' and '.join(offloaded)} offloaded to CPU memory"
+    elif kind == DistributedType.FSDP:
+        engine = f"FSDP{accelerator.state.fsdp_plugin.fsdp_version} over {'gloo' if accelerator.device.type == 'cpu' else 'NCCL'}"
     else:
         engine = f"DDP over {'gloo' if accelerator.device.type == 'cpu' else 'NCCL'}"
-    return f"{n} process{'es' if n > 1 else ''}, {engine}"
+    nodes = n // int(os.environ.get("LOCAL_WORLD_SIZE", n) or n)
+    return f"{n} process{'es' if n > 1 else ''}{f' on {nodes} nodes' if nodes > 1 else ''}, {engine}"
+
+
+def node_name() -> str:
+    """This process's node, as the launcher numbers it (machine_rank) and by host name."""
+    return f"node {os.environ.get('GROUP_RANK', '0')} ({socket.gethostname()})"
+
+
+def check_nodes_agree(accelerator: Accelerator) -> None:
+    """Every node runs as many processes: nodes launched with configs whose num_processes disagree
+    would otherwise train with a global batch no config asked for."""
+    if accelerator.num_processes == 1:
+        return
+    counts = dict(gather_object([(node_name(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))]))
+    if len(set(counts.values())) > 1:
+        raise SystemExit("error: the nodes run different numbers of processes (" + ", ".join(
+            f"{node}: {k}" for node, k in sorted(counts.items())) + "); launch every node with the same accelerate "
+            "config (num_processes is the total over all machines, num_machines the number of nodes)")
+
+
+# How gloo and NCCL say that a peer is gone (they raise plain RuntimeErrors as well as DistErrors).
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "gloo/transport", "ProcessGroupGloo",
+             "ProcessGroupNCCL", "NCCL communicator")
+
+
+@contextmanager
+def lost_peers_explained(output_dir: str, latest_checkpoint):
+    """A collective that fails because another process or node died (killed, out of memory, a
+    machine lost) ends this process with one line that says so and names the checkpoint to resume
+    from, instead of a gloo/NCCL traceback from deep inside a collective."""
+    try:
+        yield
+    except (RuntimeError, torch.distributed.DistError) as e:
+        text = str(e)
+        if not (isinstance(e, torch.distributed.DistError) or any(s in text for s in LOST_PEER)):
+            raise
+        ckpt = latest_checkpoint(Path(output_dir))
+        said = text.splitlines()[0].split("] ", 1)[-1] if text.startswith("[") else text.splitlines()[0]  # no source path
+        raise SystemExit(f"error: {node_name()} lost contact with another process: a node or process died or hung "
+                         f"({said[:160]}). The last complete checkpoint is {ckpt or 'none (nothing saved yet)'}; "
+                         "once every node is up again, resume with --resume_from_checkpoint true") from None
 
 
 def gathered_sample_ids(micro_batches: list[dict]) -> list[int]:

@@ -579,14 +579,15 @@ def cache_dir_of(data_args) -> Path:
     return Path(data_args.preprocessing_cache_dir or os.environ.get("SFT_CACHE", Path.home() / ".cache" / "sft-loop"))
 
 
-def load_splits(model_args, data_args, seed: int, tokenizer, accelerator) -> tuple[Corpus, dict]:
+def load_splits(model_args, data_args, seed: int, tokenizer, accelerator, cache_shared: bool = True) -> tuple[Corpus, dict]:
     """(the training corpus, {name: validation dataset}), tokenized once: the first process
-    tokenizes and caches, the others then read (memory-map) the same cache."""
+    tokenizes and caches, the others then read (memory-map) the same cache. With a cache on each
+    node's own disk (cache_shared False) the first process of each node does so for its node."""
     load = partial(load_corpus, tokenizer=tokenizer, template=model_args.template, max_len=data_args.max_len,
                    system_prompt=model_args.system_prompt, cache_dir=cache_dir_of(data_args),
                    num_proc=data_args.preprocessing_num_workers, skip_invalid=data_args.skip_invalid_samples,
                    truncation=data_args.truncation)
-    with accelerator.main_process_first():
+    with accelerator.main_process_first() if cache_shared else accelerator.local_main_process_first():
         try:
             train_entries, eval_entries = [{"spec": f} for f in data_args.train_files or []], []
             if data_args.dataset_mixture:

@@ -1,7 +1,7 @@
 """Supervised fine-tuning of a causal LM, as one explicit loop on accelerate (+ DeepSpeed).
 
     python train_loop.py                      # one process; set breakpoints anywhere
-    accelerate launch train_loop.py ...       # DDP or DeepSpeed, as the accelerate config says
+    accelerate launch train_loop.py ...       # DDP, DeepSpeed or FSDP2, as the accelerate config says
     python train_loop.py my_run.yaml [--flag value ...]   # flags from a YAML/JSON file, CLI overrides
 
 With no arguments it fine-tunes a tiny Qwen2-architecture model on data/sample_belle.jsonl.
@@ -9,7 +9,7 @@ This file holds what a researcher changes, in the order a step uses it: the mode
 optimizer and schedule, one optimizer step, and the loop (main). Everything around it lives in flat
 modules with one job each: args.py (flags), runtime.py (processes, SIGTERM), sft_data.py (files to
 tokens), batches.py (which samples form a step), lm_logits.py (logits at the target positions),
-evaluation.py, checkpoints.py, logs.py, loading.py.
+evaluation.py, checkpoints.py, storage.py (directories every node must share), logs.py, loading.py.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import logs
 import plot_metrics
 import runtime
 import sft_data
+import storage
 from args import parse_args
 from collate import collate
 
@@ -208,7 +209,8 @@ def stop_on_nonfinite(result: dict, step: int, micro_batches, train_set, data_ar
 
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, args = parse_args(argv)
-    with runtime.sigterm_stops():  # installed before any long work, restored on the way out
+    # SIGTERM handling installed before any long work, restored on the way out.
+    with runtime.sigterm_stops(), runtime.lost_peers_explained(args.output_dir, checkpoints.latest_checkpoint):
         try:
             train(model_args, data_args, args)
         except runtime.Stopped:
@@ -219,6 +221,8 @@ def train(model_args, data_args, args) -> None:
     adapters.check_flags(model_args)
     accelerator = runtime.make_accelerator(args)
     logs.setup(accelerator, args)
+    runtime.check_nodes_agree(accelerator)
+    cache_shared = storage.check(accelerator, args.output_dir, sft_data.cache_dir_of(data_args), data_args.cache_on_each_node)
     resume_dir = checkpoints.prepare_output_dir(args, accelerator)
     set_seed(args.seed)
     world = accelerator.num_processes
@@ -232,7 +236,7 @@ def train(model_args, data_args, args) -> None:
     began = time.perf_counter()
     tokenizer = loading.load_tokenizer(model_args)
     end_of_turn = loading.end_of_turn_id(model_args, tokenizer)
-    train_set, eval_sets = sft_data.load_splits(model_args, data_args, args.seed, tokenizer, accelerator)
+    train_set, eval_sets = sft_data.load_splits(model_args, data_args, args.seed, tokenizer, accelerator, cache_shared)
     log.info("training data ready in %.1f s: %s", time.perf_counter() - began, sft_data.summary(train_set))
     eval_cases, sample_cases = evaluation.held_out_cases(eval_sets, tokenizer, args, end_of_turn)
     steps_per_epoch = batches.steps_per_epoch(train_set.samples_per_epoch(), global_batch)
@@ -255,7 +259,7 @@ def train(model_args, data_args, args) -> None:
     model, optimizer = accelerator.prepare(model, make_optimizer(model, args))
     pad_id, attn = tokenizer.pad_token_id, runtime.unwrapped(model).config._attn_implementation or "eager"
     loss_fn = partial(batch_loss, chunk_size=lm_logits.chunk_size(runtime.unwrapped(model), args,
-                                                                  runtime.is_zero3(accelerator),
+                                                                  runtime.shards_parameters(accelerator),
                                                                   sft_data.first_samples(train_set, 1)[0], pad_id))
 
     def data_order(epoch: int) -> str:
@@ -263,11 +267,12 @@ def train(model_args, data_args, args) -> None:
 
     global_step, skipped_steps = 0, 0
     if resume_dir is not None:
+        resuming = time.perf_counter()
         state = checkpoints.resume(accelerator, resume_dir, global_batch, args.seed, data_order, model_args.use_peft)
         global_step, skipped_steps = state["global_step"], state.get("skipped_steps", 0)
         if accelerator.is_main_process:
             checkpoints.forget_steps_after(Path(args.output_dir), global_step)
-        log.info("resumed from %s at step %d", resume_dir, global_step)
+        log.info("resumed from %s at step %d (loaded in %.1f s)", resume_dir, global_step, time.perf_counter() - resuming)
 
     # --- the loop ---------------------------------------------------------------------------
     accelerator.init_trackers("sft-loop", config=logs.tracker_config(model_args, data_args, args))
@@ -336,7 +341,9 @@ def train(model_args, data_args, args) -> None:
                          "global_batch_size": global_batch, "seed": args.seed, "total_steps": total_steps,
                          "skipped_steps": skipped_steps, "data_order": data_order(global_step // steps_per_epoch),
                          "args": {**asdict(model_args), **asdict(data_args), **asdict(args)}}
-                log.info("saved %s", checkpoints.save_checkpoint(accelerator, model, tokenizer, args, state))
+                saving = time.perf_counter()
+                path = checkpoints.save_checkpoint(accelerator, model, tokenizer, args, state)
+                log.info("saved %s in %.1f s", path, time.perf_counter() - saving)
             if stopped:
                 log.warning("SIGTERM: stopped after step %d with a checkpoint; resume with --resume_from_checkpoint true",
                             global_step)

@@ -93,4 +93,50 @@ SPLITS = {
     "4x1x2-ddp": ("cpu_ddp.yaml", 4, 1),
     "2x2x2-zero2": ("cpu_zero2.yaml", 2, 2),
     "2x2x2-zero3": ("cpu_zero3.yaml", 2, 2),
+    "2x2x2-fsdp2": ("cpu_fsdp2.yaml", 2, 2),
 }
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_cmd(config, rank, port, args, nodes=2, processes=2, launcher_flags=()):
+    """One node's `accelerate launch` of a run over `nodes` nodes on this machine (as a cluster would,
+    with machine_rank and the main node's address)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"configs/{config}",
+            "--num_machines", str(nodes), "--num_processes", str(processes), "--machine_rank", str(rank),
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--rdzv_conf", "timeout=60",
+            "--deepspeed_multinode_launcher", "standard", *launcher_flags, "train_loop.py", *quick(args)]
+
+
+def start_nodes(config, args, cache, node_args=None, node_cache=None, **kw):
+    """Start nodes 0 and 1 of a two-node run; node_args/node_cache: {rank: ...} to give one node other
+    flags (appended) or another cache directory."""
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        cmd = node_cmd(config, rank, port, [*args, *(node_args or {}).get(rank, [])], **kw)
+        procs.append(start(cmd, (node_cache or {}).get(rank, cache), start_new_session=True))
+    return procs
+
+
+def finish(procs, timeout=600):
+    """Wait for every node; returns [(returncode, output)]."""
+    out = []
+    for p in procs:
+        text, _ = p.communicate(timeout=timeout)
+        out.append((p.returncode, text))
+    return out
+
+
+def two_nodes(config, args, cache, check=True, **kw):
+    results = finish(start_nodes(config, args, cache, **kw))
+    if check:
+        for rank, (code, text) in enumerate(results):
+            assert code == 0, f"node {rank} exited {code}\n{text[-6000:]}"
+    return results

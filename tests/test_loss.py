@@ -130,7 +130,7 @@ class ChunkArgs:
 
 def test_chunk_size_comes_from_a_memory_budget(samples, caplog):
     caplog.set_level(logging.INFO, logger="sft")
-    size = lm_logits.chunk_size(small("gemma2"), ChunkArgs, zero3=False, sample=samples[0], pad_id=0)
+    size = lm_logits.chunk_size(small("gemma2"), ChunkArgs, sharded=False, sample=samples[0], pad_id=0)
     assert size == 1024 * 2**20 // (VOCAB * 8)  # fp32 logits and their gradient in 1 GiB
     assert "chunked cross-entropy: 883 target tokens a chunk" in caplog.text
 
@@ -140,9 +140,9 @@ def test_a_model_whose_chunked_logits_would_differ_is_not_chunked(samples, caplo
     catches it and the loop computes the logits whole, saying so once."""
     caplog.set_level(logging.INFO, logger="sft")
     monkeypatch.setattr(lm_logits, "head_logits", lambda model, hidden: model.get_output_embeddings()(hidden))
-    assert lm_logits.chunk_size(small("gemma2"), ChunkArgs, zero3=False, sample=samples[0], pad_id=0) is None
+    assert lm_logits.chunk_size(small("gemma2"), ChunkArgs, sharded=False, sample=samples[0], pad_id=0) is None
     assert "chunked cross-entropy is off: for Gemma2ForCausalLM its logits differ" in caplog.text
-    assert lm_logits.chunk_size(small("llama"), ChunkArgs, zero3=False, sample=samples[0], pad_id=0) == 883  # no post-processing
+    assert lm_logits.chunk_size(small("llama"), ChunkArgs, sharded=False, sample=samples[0], pad_id=0) == 883  # no post-processing
 
 
 def test_a_gemma2_run_logs_the_same_loss_chunked_or_not(tmp_path, sft_cache, qwen_tokenizer_dir):
