@@ -224,15 +224,16 @@ def resume(accelerator: Accelerator, resume_dir: str, global_batch: int, seed: i
                          f"from its weights: --model_name_or_path {ckpt}")
     saved_by, now_engine = engine_of(ckpt / "training_state"), runtime.engine(accelerator)
     if saved_by != now_engine:
-        raise SystemExit(f"error: {ckpt} holds {ENGINES[saved_by]} training state, which {ENGINES[now_engine]} cannot "
-                         f"load. Resume it with the accelerate config it was trained with, or start a new run "
+        raise SystemExit(f"error: {ckpt} holds training state written under {ENGINES[saved_by]}, which "
+                         f"{ENGINES[now_engine]} cannot load. Resume it with the accelerate config it was trained with, "
+                         "or start a new run "
                          f"from its weights (its model.safetensors): --model_name_or_path {ckpt} (the optimizer "
                          "state starts afresh)")
     accelerator.load_state(str(ckpt / "training_state"))
     return state
 
 
-ENGINES = {"deepspeed": "DeepSpeed's (ZeRO)", "fsdp": "FSDP's (sharded)", "plain": "a single process's or DDP's"}
+ENGINES = {"deepspeed": "DeepSpeed", "fsdp": "FSDP", "plain": "one process or DDP"}
 
 
 def engine_of(state_dir: Path) -> str:
