@@ -47,7 +47,7 @@ def make_accelerator(args) -> Accelerator:
                               kwargs_handlers=kwargs_handlers, cpu=cpu, log_with=trackers,
                               project_config=ProjectConfiguration(project_dir=args.output_dir,
                                                                   logging_dir=str(Path(args.output_dir) / "runs")))
-    if fsdp_wanted() and accelerator.distributed_type == DistributedType.MULTI_CPU:
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type == DistributedType.MULTI_CPU:
         # accelerate selects FSDP only on an accelerator device; torch's FSDP2 itself runs on CPU over
         # gloo, so on a CPU-only machine (tests, debugging) the processes are told here. Both shared
         # states are set: AcceleratorState copies PartialState's on every construction.
@@ -81,7 +81,7 @@ def configure_deepspeed(accelerator: Accelerator, args) -> None:
         ds[key] = value
     ds["train_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     zero = ds.setdefault("zero_optimization", {})
-    if zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None) and args.optim != "adamw_torch":
+    if "optimizer" in offloaded(zero) and args.optim != "adamw_torch":
         # accelerate hands DeepSpeed its CPU Adam in place of whatever optimizer it is given.
         raise SystemExit(f"error: --optim {args.optim} with the optimizer offloaded to CPU memory: DeepSpeed updates "
                          "offloaded weights with its CPU Adam only; use --optim adamw_torch or a config without "
@@ -111,8 +111,9 @@ def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def fsdp_wanted() -> bool:
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+def offloaded(zero: dict) -> list[str]:
+    """What a DeepSpeed zero_optimization section moves to CPU memory: 'optimizer', 'param', both or none."""
+    return [what for what in ("optimizer", "param") if zero.get(f"offload_{what}", {}).get("device", "none") not in ("none", None)]
 
 
 def shards_parameters(accelerator: Accelerator) -> bool:
@@ -192,11 +193,8 @@ def describe(accelerator: Accelerator) -> str:
         engine = "no distributed backend"
     elif kind == DistributedType.DEEPSPEED:
         engine = f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
-        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-        offloaded = [what for what in ("optimizer", "param")
-                     if zero.get(f"offload_{what}", {}).get("device", "none") not in ("none", None)]
-        if offloaded:
-            engine += f", {' and '.join(offloaded)} offloaded to CPU memory"
+        if moved := offloaded(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})):
+            engine += f", {' and '.join(moved)} offloaded to CPU memory"
     elif kind == DistributedType.FSDP:
         engine = f"FSDP{accelerator.state.fsdp_plugin.fsdp_version} over {'gloo' if accelerator.device.type == 'cpu' else 'NCCL'}"
     else:

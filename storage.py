@@ -18,20 +18,20 @@ from accelerate.utils import broadcast_object_list, gather_object
 import runtime
 
 
-def unseen_by(accelerator: Accelerator, directory: Path, what: str) -> list[str]:
-    """The nodes whose processes do not see what the first process writes into `directory` (a
-    collective: every process calls it)."""
-    message = [None, None]  # [probe name, error]
+def unseen_by(accelerator: Accelerator, directory: Path, what: str) -> tuple[str, list[str]]:
+    """(the first process's node, the nodes whose processes do not see what it writes into
+    `directory`); a collective: every process calls it."""
+    message = [None, None, runtime.node_name()]  # [probe name, error, the writer's node]
     if accelerator.is_main_process:
         name = f".storage-probe-{secrets.token_hex(8)}"
         try:
             directory.mkdir(parents=True, exist_ok=True)
             (directory / name).write_text(name)
-            message = [name, None]
+            message[0] = name
         except OSError as e:
-            message = [None, f"error: {what} {directory} is not writable: {e.strerror}"]
+            message[1] = f"error: {what} {directory} is not writable: {e.strerror}"
     broadcast_object_list(message)  # every process learns the name, or the error, and stops with it
-    name, error = message
+    name, error, writer = message
     if error:
         raise SystemExit(error)
     probe = directory / name
@@ -40,12 +40,11 @@ def unseen_by(accelerator: Accelerator, directory: Path, what: str) -> list[str]
     while not seen and time.monotonic() < deadline:
         time.sleep(0.2)
         seen = probe.is_file()
-    answers = gather_object([(runtime.node_name(), seen)])
-    accelerator.wait_for_everyone()
+    answers = gather_object([(runtime.node_name(), seen)])  # once gathered, every process has looked
     if accelerator.is_main_process:
         probe.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-    return sorted({node for node, ok in answers if not ok})
+    accelerator.wait_for_everyone()  # no process goes on to find the probe in output_dir
+    return writer, sorted({node for node, ok in answers if not ok})
 
 
 def check(accelerator: Accelerator, output_dir: str, cache_dir: Path, cache_on_each_node: bool) -> bool:
@@ -54,14 +53,14 @@ def check(accelerator: Accelerator, output_dir: str, cache_dir: Path, cache_on_e
     (once on each node)."""
     if accelerator.num_processes == 1:
         return True
-    first = gather_object([runtime.node_name()])[0]
-    if missing := unseen_by(accelerator, Path(output_dir), "output directory"):
+    first, missing = unseen_by(accelerator, Path(output_dir), "output directory")
+    if missing:
         raise SystemExit(
             f"error: --output_dir {output_dir} is not the same directory on every node: {', '.join(missing)} cannot "
             f"see what {first} writes there. Every process writes its part of a checkpoint there and resuming reads "
             "them all: put --output_dir on storage every node mounts at the same path (NFS, Lustre, a cloud "
             "filesystem)")
-    missing = unseen_by(accelerator, cache_dir, "preprocessing cache")
+    first, missing = unseen_by(accelerator, cache_dir, "preprocessing cache")
     if missing and not cache_on_each_node:
         raise SystemExit(
             f"error: the preprocessing cache {cache_dir} is not the same directory on every node: {', '.join(missing)} "

@@ -53,6 +53,14 @@ def metrics(out):
     return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
 
 
+def metrics_lines(out):
+    """How many records metrics.jsonl holds so far (0 before the first), for tests that wait on a run."""
+    try:
+        return sum(1 for _ in open(out / "metrics.jsonl"))
+    except FileNotFoundError:
+        return 0
+
+
 def losses(out):
     """step -> logged loss (the last record of a step wins: a killed run may have logged it first)."""
     return {m["step"]: m["loss"] for m in metrics(out) if "loss" in m}

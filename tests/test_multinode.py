@@ -9,15 +9,8 @@ import time
 
 import pytest
 
-from helpers import (finish, free_port, max_diff, node_cmd, run_cmd, start, start_nodes, train, two_nodes,
+from helpers import (finish, free_port, max_diff, metrics_lines, node_cmd, run_cmd, start, start_nodes, train, two_nodes,
                      uneven_data, wait_for, weights)
-
-
-def metrics_lines(out):
-    try:
-        return sum(1 for _ in open(out / "metrics.jsonl"))
-    except FileNotFoundError:
-        return 0
 
 
 # SGD at a constant learning rate: a run stopped and resumed with another --max_steps follows the same

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import sft_data
-from helpers import REPO, launch, max_diff, quick, run_cmd, start, train, wait_for, weights
+from helpers import REPO, launch, max_diff, metrics_lines, quick, run_cmd, start, train, wait_for, weights
 
 GOOD = {"conversations": [{"from": "human", "value": "hi"}, {"from": "assistant", "value": "hello"}]}
 GOOD_LINE = json.dumps(GOOD)
@@ -130,13 +130,6 @@ def test_a_directory_without_the_completion_marker_is_never_resumed(tmp_path, sf
 
 
 # --- 3. preemption ----------------------------------------------------------------------------
-
-def metrics_lines(out):
-    try:
-        return sum(1 for _ in open(out / "metrics.jsonl"))
-    except FileNotFoundError:
-        return 0
-
 
 def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, sft_cache):
     args = ["--max_steps", 40, "--per_device_train_batch_size", 4]
