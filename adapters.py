@@ -93,7 +93,7 @@ def save_adapter(model, state_dict: dict, directory: Path) -> None:
                          f"{empty[:3]}); the run stops before marking it complete")
 
 
-def merge(adapter_dir: Path, out: Path, tokenizer, batches: list[dict], tolerance: float = 1e-4) -> bool:
+def merge(adapter_dir: Path, out: Path, tokenizer, batches: list[dict], checked_on: str, tolerance: float = 1e-4) -> bool:
     """Merge the adapter into its base model reloaded in fp32 (for QLoRA: the unquantized weights),
     and write it to `out` only if its logits on `batches` equal the adapter model's within
     tolerance x the largest logit. Returns whether it was written."""
@@ -127,6 +127,5 @@ def merge(adapter_dir: Path, out: Path, tokenizer, batches: list[dict], toleranc
     import checkpoints  # here: checkpoints imports this module
 
     checkpoints.with_users_umask(out)
-    log.info("merged model written to %s (logits within %.2g of the adapter model's on %d held-out batches)", out,
-             diff, len(inputs))
+    log.info("merged model written to %s (logits within %.2g of the adapter model's on %s)", out, diff, checked_on)
     return True

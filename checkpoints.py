@@ -89,7 +89,9 @@ def with_users_umask(directory: Path) -> None:
 
 def save_base_model(accelerator: Accelerator, model, tokenizer, args) -> str:
     """The built-in tiny model's initial weights, the base its LoRA adapters apply to (a pretrained
-    model's base is its own directory)."""
+    model's base is its own directory). The first process saves alone: safe under ZeRO-3 because the
+    model is not partitioned yet (built by its constructor, before accelerator.prepare) and
+    save_pretrained gathers nothing."""
     path = Path(args.output_dir) / "base_model"
     if accelerator.is_main_process:
         model.save_pretrained(path)

@@ -127,6 +127,25 @@ def engine(accelerator: Accelerator) -> str:
     return "deepspeed" if kind == DistributedType.DEEPSPEED else "fsdp" if kind == DistributedType.FSDP else "plain"
 
 
+@contextmanager
+def without_zero3_partitioning(accelerator: Accelerator):
+    """For work one process does alone on a model it loads itself (the adapter merge): inside, transformers
+    and peft build, resize and merge plain models. accelerate registers its DeepSpeed config with
+    transformers whatever zero3_init_flag says, and while it is registered from_pretrained partitions
+    what it loads inside deepspeed.zero.Init and resize/merge gather parameters: collectives the other
+    processes never join, so the process waits for them forever. (The alternative, every process
+    loading the base partitioned and merging together, would gather the whole model on each anyway.)"""
+    from transformers.integrations import is_deepspeed_zero3_enabled, set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    registered = accelerator.state.deepspeed_plugin.dschf if is_deepspeed_zero3_enabled() else None
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if registered is not None:
+            set_hf_deepspeed_config(registered)
+
+
 def unwrapped(model):
     while hasattr(model, "module"):  # DDP and DeepSpeed wrap the model
         model = model.module
@@ -149,7 +168,13 @@ class Stopped(BaseException):
     is, so that no library's `except Exception` swallows it."""
 
 
-_state = {"stop": False, "training": False}
+_state = {"stop": False, "training": False, "phase": "setting up"}
+
+
+def phase(what: str) -> None:
+    """Name what this process does now ("step 12", "saving checkpoint-12"): a collective that times
+    out, or a peer that is lost, is then reported with where this process was waiting."""
+    _state["phase"] = what
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -164,12 +189,12 @@ def sigterm_stops():
     sets a flag that the loop (and evaluation, between batches) checks. The previous handler is
     restored on the way out, so an in-process main() leaves its host as it found it."""
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    _state.update(stop=False, training=False)
+    _state.update(stop=False, training=False, phase="setting up")
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _state.update(stop=False, training=False)
+        _state.update(stop=False, training=False, phase="setting up")
 
 
 def training_begins() -> None:
@@ -226,10 +251,11 @@ LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "gloo/tran
 
 
 @contextmanager
-def lost_peers_explained(output_dir: str, latest_checkpoint):
+def lost_peers_explained(output_dir: str, latest_checkpoint, timeout_s: int):
     """A collective that fails because another process or node died (killed, out of memory, a
-    machine lost) ends this process with one line that says so and names the checkpoint to resume
-    from, instead of a gloo/NCCL traceback from deep inside a collective."""
+    machine lost), or that waited past --ddp_timeout for one that hangs, ends this process with one
+    line that says so, where this process was (the phase), and the checkpoint to resume from,
+    instead of a gloo/NCCL traceback from deep inside a collective."""
     try:
         yield
     except (RuntimeError, torch.distributed.DistError) as e:
@@ -238,9 +264,15 @@ def lost_peers_explained(output_dir: str, latest_checkpoint):
             raise
         ckpt = latest_checkpoint(Path(output_dir))
         said = text.splitlines()[0].split("] ", 1)[-1] if text.startswith("[") else text.splitlines()[0]  # no source path
-        raise SystemExit(f"error: {node_name()} lost contact with another process: a node or process died or hung "
-                         f"({said[:160]}). The last complete checkpoint is {ckpt or 'none (nothing saved yet)'}; "
-                         "once every node is up again, resume with --resume_from_checkpoint true") from None
+        where = _state["phase"]
+        if "timed out" in text.lower():
+            what = (f"waited {timeout_s} s (--ddp_timeout) for the other processes at {where} and gave up: another "
+                    "process hung or died")
+        else:
+            what = f"lost contact with another process at {where}: a node or process died or hung"
+        raise SystemExit(f"error: {node_name()} {what} ({said[:160]}). The last complete checkpoint is "
+                         f"{ckpt or 'none (nothing saved yet)'}; once every node is up again, resume with "
+                         "--resume_from_checkpoint true") from None
 
 
 def gathered_sample_ids(micro_batches: list[dict]) -> list[int]:

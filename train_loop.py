@@ -203,6 +203,15 @@ def stop_on_nonfinite(result: dict, step: int, micro_batches, train_set, data_ar
     log.warning("%s: step skipped", msg)
 
 
+def merge_check_samples(train_set, eval_sets: dict, n: int = 4) -> tuple[list[dict], str]:
+    """The samples the merged model's logits are checked on: held-out ones when there is a validation set."""
+    if eval_sets:
+        name, dataset = next(iter(eval_sets.items()))
+        rows = dataset.select(range(min(n, len(dataset))))
+        return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], f"the first {len(rows)} of validation set {name}"
+    return sft_data.first_samples(train_set, n), f"the first {n} training samples"
+
+
 # =============================================================================================
 # The loop
 # =============================================================================================
@@ -210,7 +219,8 @@ def stop_on_nonfinite(result: dict, step: int, micro_batches, train_set, data_ar
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, args = parse_args(argv)
     # SIGTERM handling installed before any long work, restored on the way out.
-    with runtime.sigterm_stops(), runtime.lost_peers_explained(args.output_dir, checkpoints.latest_checkpoint):
+    with runtime.sigterm_stops(), runtime.lost_peers_explained(args.output_dir, checkpoints.latest_checkpoint,
+                                                               args.ddp_timeout):
         try:
             train(model_args, data_args, args)
         except runtime.Stopped:
@@ -298,6 +308,7 @@ def train(model_args, data_args, args) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in micro_batches]
+            runtime.phase(f"step {global_step + 1}")
             result = train_step(model, optimizer, micro_batches, accelerator, args, loss_fn)
             global_step += 1
             if "nonfinite" in result:
@@ -333,6 +344,7 @@ def train(model_args, data_args, args) -> None:
 
             is_last = global_step == total_steps
             if evaluating and not stopped and (is_last or (eval_every and global_step % eval_every == 0)):
+                runtime.phase(f"the evaluation at step {global_step}")
                 stopped = evaluation.run_evaluation(model, tokenizer, eval_sets, eval_cases, sample_cases, global_step,
                                                     loss_fn, args, data_args, accelerator) is None  # None: SIGTERM
             if stopped or is_last or (args.save_steps and global_step % args.save_steps == 0):
@@ -342,6 +354,7 @@ def train(model_args, data_args, args) -> None:
                          "skipped_steps": skipped_steps, "data_order": data_order(global_step // steps_per_epoch),
                          "args": {**asdict(model_args), **asdict(data_args), **asdict(args)}}
                 saving = time.perf_counter()
+                runtime.phase(f"saving checkpoint-{global_step}")
                 path = checkpoints.save_checkpoint(accelerator, model, tokenizer, args, state)
                 log.info("saved %s in %.1f s", path, time.perf_counter() - saving)
             if stopped:
@@ -353,12 +366,18 @@ def train(model_args, data_args, args) -> None:
 
     # --- the final model, in HF format at the top of output_dir -------------------------------
     if not stopped:
+        runtime.phase("writing the final model")
         checkpoints.save_final_model(accelerator, model, tokenizer, Path(args.output_dir))
         log.info("%s written to %s%s", "adapter" if model_args.use_peft else "model", args.output_dir,
                  f" ({skipped_steps} non-finite steps skipped)" if skipped_steps else "")
-        if model_args.use_peft and model_args.merge_adapter and accelerator.is_main_process:
-            adapters.merge(Path(args.output_dir), Path(args.output_dir) / "merged", tokenizer,
-                           [collate([s], pad_id=pad_id) for s in sft_data.first_samples(train_set, 4)])
+        if model_args.use_peft and model_args.merge_adapter:
+            runtime.phase("the adapter merge (done by process 0 alone)")
+            # The first process merges alone, so nothing in it may be a collective (see the helper).
+            with runtime.without_zero3_partitioning(accelerator):
+                if accelerator.is_main_process:
+                    checked_on, where = merge_check_samples(train_set, eval_sets)
+                    adapters.merge(Path(args.output_dir), Path(args.output_dir) / "merged", tokenizer,
+                                   [collate([s], pad_id=pad_id) for s in checked_on], where)
         accelerator.wait_for_everyone()
         if args.plot and accelerator.is_main_process:
             log.info("plot: %s", plot_metrics.plot(args.output_dir))

@@ -34,9 +34,9 @@ def train(args, cache, **kw):
     return run_cmd([sys.executable, "train_loop.py", *quick(args)], cache, **kw)
 
 
-def launch(config, args, cache, **kw):
+def launch(config, args, cache, launcher_flags=(), script="train_loop.py", **kw):
     return run_cmd([sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"configs/{config}",
-                    "train_loop.py", *quick(args)], cache, **kw)
+                    *launcher_flags, str(script), *quick(args)], cache, **kw)
 
 
 def weights(path):

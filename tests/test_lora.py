@@ -32,8 +32,9 @@ def test_every_split_gives_the_same_adapter_and_the_base_never_changes(tmp_path,
     """17 samples, global batch 8 (steps of 8, 8 and 1), SGD, no LoRA dropout (a random mask would
     differ between splits by design)."""
     data = uneven_data(tmp_path / "d.jsonl", 17)
+    # the default merge on: under every engine the first process merges alone, and must not wait on the others
     extra = ["--max_steps", 3, "--save_steps", 1, "--optim", "sgd", "--learning_rate", 2.0, "--lr_scheduler_type",
-             "constant", "--lora_dropout", 0, "--max_eval_generations", 0, "--merge_adapter", "false"]
+             "constant", "--lora_dropout", 0, "--max_eval_generations", 0, "--ddp_timeout", 120]
     outs = {name: tmp_path / name for name in SPLITS}
     for name, split in SPLITS.items():
         run(split, outs[name], data, sft_cache, extra)
@@ -46,6 +47,7 @@ def test_every_split_gives_the_same_adapter_and_the_base_never_changes(tmp_path,
             assert a and all(t.numel() > 0 for t in a.values()), (name, d)
             assert max_diff(a, adapter(ref / d)) <= 1e-5 * change, (name, d)
         assert losses(out) == pytest.approx(losses(ref), rel=1e-6), name
+        assert max_diff(weights(out / "merged"), weights(ref / "merged")) <= 1e-5 * change, name
     # the base weights are bitwise those the adapter was made for (saved at the start as base_model/)
     base = weights(ref / "base_model")
     for name in ("8x1x1", "4x1x2-ddp"):  # accelerate's own state file holds the whole model there
@@ -119,7 +121,7 @@ def test_merge_matches_the_adapter_model_and_refuses_a_missing_base(tmp_path, sf
     ids = tiny_tok.apply_chat_template([{"role": "user", "content": "Repeat after me: a b"}], tokenize=True,
                                        return_dict=False)
     batch = collate([{"input_ids": ids, "labels": ids}], pad_id=tiny_tok.pad_token_id)
-    assert adapters.merge(out, tmp_path / "merged", tiny_tok, [batch])
+    assert adapters.merge(out, tmp_path / "merged", tiny_tok, [batch], "one prompt")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -132,7 +134,35 @@ def test_merge_matches_the_adapter_model_and_refuses_a_missing_base(tmp_path, sf
     config = json.loads((out / "adapter_config.json").read_text())
     (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "gone")}))
     with pytest.raises(SystemExit, match="its base model .*gone.* cannot be loaded"):
-        adapters.merge(out, tmp_path / "merged2", tiny_tok, [batch])
+        adapters.merge(out, tmp_path / "merged2", tiny_tok, [batch], "one prompt")
+
+
+def test_zero3_lora_on_a_pretrained_model_merges_with_default_flags(tmp_path, sft_cache, tiny_tok):
+    """A pretrained model loaded under ZeRO-3 (2 processes), with and without zero3_init_flag, default
+    merge: each run exits by itself (a hang would end at --ddp_timeout) with the merged model one
+    process writes, and chat.py answers from it."""
+    import train_loop
+
+    pretrained = tmp_path / "pretrained"
+    train_loop.tiny_qwen2(len(tiny_tok), tiny_tok).save_pretrained(pretrained)
+    tiny_tok.save_pretrained(pretrained)
+    data = uneven_data(tmp_path / "d.jsonl", 16)
+    args = ["--model_name_or_path", pretrained, "--train_files", data, "--max_steps", 2, "--save_steps", 1,
+            "--optim", "sgd", "--learning_rate", 2.0, "--lr_scheduler_type", "constant", "--lora_dropout", 0,
+            "--ddp_timeout", 120, *LORA]
+    train(["--output_dir", tmp_path / "one", *args, "--per_device_train_batch_size", 8], sft_cache)
+    reference = weights(tmp_path / "one" / "merged")
+    change = max_diff(reference, weights(pretrained))
+    assert change > 1e-3
+    for init in ("false", "true"):
+        out = tmp_path / f"zero3-init-{init}"
+        p = launch("cpu_zero3.yaml", ["--output_dir", out, *args, "--per_device_train_batch_size", 2,
+                                      "--gradient_accumulation_steps", 2], sft_cache, launcher_flags=["--zero3_init_flag", init])
+        assert "merged model written to" in p.stderr
+        assert max_diff(weights(out / "merged"), reference) <= 1e-5 * change, init
+    c = subprocess.run([sys.executable, "chat.py", str(out / "merged"), "--max_new_tokens", "4"], cwd=REPO,
+                       capture_output=True, text=True, input="hello\n/exit\n", timeout=300)
+    assert c.returncode == 0 and "model> " in c.stdout, c.stderr[-2000:]
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -64,6 +64,20 @@ def test_two_nodes_stop_on_sigterm_resume_and_end_as_one_node_does(tmp_path, sft
     assert change > 1e-3 and max_diff(weights(out), weights(reference)) <= 1e-5 * change
 
 
+def test_lora_on_two_nodes_merges_with_default_flags(tmp_path, sft_cache):
+    """ZeRO-3 over two nodes, LoRA, the default merge: both nodes exit by themselves, and the merged
+    model is the one a single process writes (the first process merges alone, outside any collective)."""
+    data = uneven_data(tmp_path / "d.jsonl", 16)
+    args = ["--train_files", data, *RECIPE, "--learning_rate", 2.0, "--max_steps", 2, "--use_peft", "--lora_r", 4,
+            "--lora_dropout", 0, "--ddp_timeout", 120]
+    train(["--output_dir", tmp_path / "one", *args, "--per_device_train_batch_size", 8], sft_cache)
+    logs = two_nodes("cpu_zero3.yaml", ["--output_dir", tmp_path / "nodes", *args, *NODE_SPLIT], sft_cache)
+    assert "merged model written to" in logs[0][1]
+    reference = weights(tmp_path / "one" / "merged")
+    change = max_diff(reference, weights(tmp_path / "one" / "base_model"))
+    assert change > 1e-3 and max_diff(weights(tmp_path / "nodes" / "merged"), reference) <= 1e-5 * change
+
+
 def test_output_dirs_the_nodes_do_not_share_stop_the_run_before_training(tmp_path, sft_cache):
     """Node-local disks: node 1 sees another directory under --output_dir's name."""
     args = ["--max_steps", 2, "--per_device_train_batch_size", 2]

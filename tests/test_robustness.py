@@ -406,3 +406,36 @@ def test_template_tokenizer_without_a_chat_template_is_a_clear_error(tmp_path, s
               check=False)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "error: --template tokenizer needs a tokenizer that carries a chat_template" in r.stderr
+
+
+def test_a_process_that_hangs_ends_the_run_at_ddp_timeout_naming_the_step_and_phase(tmp_path, sft_cache):
+    """A deadlock injected for the test: process 1 never enters checkpoint-2's save (it sleeps, as a
+    process stuck outside a collective does). Process 0 waits there --ddp_timeout seconds, then the
+    run ends with one line saying where it waited, instead of holding the machines forever."""
+    hang = tmp_path / "hang_on_save.py"
+    hang.write_text(
+        "import os, time\n"
+        "import checkpoints, runtime, train_loop\n"
+        "real_save = checkpoints.save_checkpoint\n"
+        "def save(accelerator, model, tokenizer, args, state):\n"
+        "    if os.environ['RANK'] == '1' and state['global_step'] == 2:\n"
+        "        time.sleep(3600)\n"
+        "    return real_save(accelerator, model, tokenizer, args, state)\n"
+        "checkpoints.save_checkpoint = save\n"
+        "with runtime.errors_said_once():\n"
+        "    train_loop.main()\n")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"q {i}"},
+                                                          {"from": "assistant", "value": f"a {i}"}]}) + "\n"
+                            for i in range(16)))
+    began = time.monotonic()
+    r = launch("cpu_ddp.yaml", ["--output_dir", tmp_path / "o", "--train_files", data, "--max_steps", 4,
+                                "--save_steps", 1, "--per_device_train_batch_size", 2, "--ddp_timeout", 20],
+               sft_cache, script=hang, check=False,
+               env_extra={"PYTHONPATH": str(REPO), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2"})  # the sleeper: killed soon
+    assert r.returncode != 0
+    assert ("waited 20 s (--ddp_timeout) for the other processes at saving checkpoint-2 and gave up: another process "
+            "hung or died") in r.stderr, r.stderr[-4000:]
+    assert "The last complete checkpoint is " in r.stderr and "checkpoint-1" in r.stderr
+    assert time.monotonic() - began < 300, r.stderr[-4000:]
+    print(time.monotonic() - began)
