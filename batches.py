@@ -13,8 +13,8 @@ from functools import partial
 import numpy as np
 import torch
 
-import sft_data
 from collate import collate, collate_packed
+from sftloop import runtime, sft_data
 
 
 def epoch_samples(rows: list[np.ndarray], counts: list[int], seed: int, epoch: int) -> np.ndarray:
@@ -103,15 +103,29 @@ def _read_and_collate(rows: list[int], corpus, collate_rows):
     return collate_rows(sft_data.samples_at(corpus, rows))
 
 
-def step_loader(corpus, args, data_args, rank: int, world: int, pad_id: int, epoch: int, first_step: int,
-                num_steps: int, attn: str = "sdpa"):
-    """Yields, for each optimizer step of this epoch from first_step on, this process's list of
-    gradient_accumulation_steps collated micro-batches."""
+def steps(corpus, args, data_args, rank: int, world: int, pad_id: int, start_step: int, end_step: int,
+          attn: str = "sdpa"):
+    """Yields (step, this process's micro-batches) for the optimizer steps start_step to end_step - 1
+    of the run (0-based), across epoch boundaries."""
+    per_epoch = steps_per_epoch(corpus.samples_per_epoch(), runtime.global_batch_size(args, world))
+    step = start_step
+    while step < end_step:
+        epoch, in_epoch = divmod(step, per_epoch)
+        for micro_batches in step_loader(corpus, args, data_args, rank, world, pad_id, epoch, in_epoch,
+                                         min(per_epoch, in_epoch + end_step - step), attn):
+            yield step, micro_batches
+            step += 1
+
+
+def step_loader(corpus, args, data_args, rank: int, world: int, pad_id: int, epoch: int, start_step: int,
+                end_step: int, attn: str = "sdpa"):
+    """Yields, for each optimizer step start_step to end_step - 1 of this epoch, this process's list
+    of gradient_accumulation_steps collated micro-batches."""
     gas = args.gradient_accumulation_steps
-    global_batch = args.per_device_train_batch_size * gas * world
+    global_batch = runtime.global_batch_size(args, world)
     order = epoch_rows(corpus, args.seed, epoch, global_batch, data_args.group_by_length)
     # Dealt out step by step as the loader asks, not listed for the whole epoch up front.
-    micro_batches = (mb for step in range(first_step, num_steps)
+    micro_batches = (mb for step in range(start_step, end_step)
                      for mb in step_micro_batches(order, step, global_batch, rank, world, gas))
     # The loader hands each micro-batch's row numbers to the collate function, which reads them in
     # one go. A generator of its own: a DataLoader draws its workers' seed from the global RNG
@@ -123,5 +137,5 @@ def step_loader(corpus, args, data_args, rank: int, world: int, pad_id: int, epo
                                                             collate_rows=collate_fn(data_args, pad_id, attn)),
                                          generator=torch.Generator().manual_seed(args.seed))
     it = iter(loader)
-    for _ in range(first_step, num_steps):
+    for _ in range(start_step, end_step):
         yield [next(it) for _ in range(gas)]

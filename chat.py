@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import evaluation
+from sftloop import generation
 
 
 def main(argv=None) -> None:
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
             continue
         history.append({"role": "user", "content": line})
         print("model> ", end="", flush=True)
-        answer = evaluation.generate_reply(model, tokenizer, evaluation.prompt_ids(tokenizer, history), args.max_new_tokens,
+        answer = generation.generate_reply(model, tokenizer, generation.prompt_ids(tokenizer, history), args.max_new_tokens,
                                          temperature=args.temperature, top_p=args.top_p, streamer=streamer)
         history.append({"role": "assistant", "content": answer})
 

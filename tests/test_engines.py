@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-import checkpoints
+from sftloop import checkpoints
 from helpers import launch, losses, max_diff, train, uneven_data, weights
 
 ARGS = ["--max_steps", 4, "--save_steps", 2, "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2,

@@ -63,11 +63,11 @@ def test_tensorboard_events_and_the_plot(short_run):
     png = out / "metrics.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     png.unlink()
-    subprocess.run([sys.executable, "plot_metrics.py", str(out)], cwd=REPO, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "sftloop.plot_metrics", str(out)], cwd=REPO, check=True, capture_output=True)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for where, message in ((out / "nope", f"error: {out / 'nope'}: no such directory"),
                            (out / "runs", f"error: {out / 'runs'} holds no metrics.jsonl")):
-        p = subprocess.run([sys.executable, "plot_metrics.py", str(where)], cwd=REPO, capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "-m", "sftloop.plot_metrics", str(where)], cwd=REPO, capture_output=True, text=True)
         assert p.returncode == 1 and p.stderr.startswith(message), p.stderr
 
 
@@ -82,12 +82,12 @@ def test_chat_streams_replies_with_the_training_template_and_stops(short_run):
     # the same greedy reply as evaluation.py gives for the same conversation, rendered with the saved template
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import evaluation
+    from sftloop import generation
 
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     msgs = [{"role": "user", "content": "Repeat after me:\nsun moon"}]
-    expected = evaluation.generate_reply(model, tok, evaluation.prompt_ids(tok, msgs), 24)
+    expected = generation.generate_reply(model, tok, generation.prompt_ids(tok, msgs), 24)
     assert replies[0].strip() == expected.strip()
     assert "<|im_end|>" not in p.stdout
 

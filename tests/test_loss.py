@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-import lm_logits
+from sftloop import lm_logits
 import train_loop
 from collate import collate
 from helpers import REPO, metrics, train
@@ -63,7 +63,7 @@ def assert_same(a, b):
         torch.testing.assert_close(g_b[k], g_a[k], rtol=1e-4, atol=1e-6 * g_a[k].abs().max().item())
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma2", "cohere", "granite"])
+@pytest.mark.parametrize("kind", ["llama", *(pytest.param(k, marks=pytest.mark.slow) for k in ("gemma2", "cohere", "granite"))])
 def test_chunked_loss_and_gradients_equal_the_plain_ones(kind, batch):
     plain = loss_and_grads(kind, batch, None)
     assert plain[0].item() == pytest.approx(reference_loss(kind, batch).item(), rel=1e-5)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import batches
-import sft_data
+from sftloop import sft_data
 import templates
 from helpers import launch, max_diff, metrics, train, weights
 
@@ -148,6 +148,7 @@ def test_directories_saved_datasets_and_their_bad_rows(tmp_path, qwen_tok):
         corpus_of([str(tmp_path / "saved_bad")], qwen_tok, tmp_path / "cache")
 
 
+@pytest.mark.slow  # saves and loads datasets of several kinds: ~20 s
 def test_sources_of_another_kind_are_clear_errors(tmp_path, tiny_tok, monkeypatch):
     import datasets
 

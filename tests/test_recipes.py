@@ -14,8 +14,6 @@ import pytest
 from helpers import REPO, losses, max_diff, metrics, run_cmd, train, uneven_data, weights
 
 RUNNER = """\
-import sys
-sys.path.insert(0, {repo!r})
 import math
 
 import numpy as np
@@ -68,13 +66,14 @@ CURRICULUM_NEW = """    if lengths is None:
 
 def runner(tmp_path, recipe):
     script = tmp_path / "run_recipe.py"
-    script.write_text(RUNNER.format(repo=str(REPO), recipe=textwrap.dedent(recipe)))
+    script.write_text(RUNNER.format(recipe=textwrap.dedent(recipe)))
     return script
 
 
 def run_script(script, args, cache, config=None):
     launcher = [] if config is None else ["-m", "accelerate.commands.launch", "--config_file", f"configs/{config}"]
-    return run_cmd([sys.executable, *launcher, str(script), *map(str, args), "--max_eval_generations", "0"], cache)
+    return run_cmd([sys.executable, *launcher, str(script), *map(str, args), "--max_eval_generations", "0"], cache,
+                   env_extra={"PYTHONPATH": str(REPO)})  # the script lives outside the repo
 
 
 def test_recipe_weighted_loss_one_and_two_processes(tmp_path, sft_cache):
@@ -111,11 +110,12 @@ def repo_copy(dest):
     dest.mkdir()
     for f in REPO.glob("*.py"):
         shutil.copy(f, dest / f.name)
-    for d in ("assets", "configs"):
+    for d in ("sftloop", "assets", "configs"):
         shutil.copytree(REPO / d, dest / d)
     return dest
 
 
+@pytest.mark.slow
 def test_recipe_batch_order_edit_does_not_retokenize_and_refuses_a_resume(tmp_path):
     cache = tmp_path / "cache"
     data = uneven_data(tmp_path / "d.jsonl", 40)

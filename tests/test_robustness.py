@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sft_data
+from sftloop import sft_data
 from helpers import REPO, launch, max_diff, metrics_lines, quick, run_cmd, start, train, wait_for, weights
 
 GOOD = {"conversations": [{"from": "human", "value": "hi"}, {"from": "assistant", "value": "hello"}]}
@@ -301,7 +301,7 @@ def start_logged(args, cache, log_path):
 
 
 def sigterm_when(p, predicate, delay=0.0):
-    wait_for(predicate, p, timeout=300)
+    wait_for(predicate, p, timeout=300, interval=0.002)  # some moments last only milliseconds
     time.sleep(delay)
     t0 = time.time()
     p.send_signal(signal.SIGTERM)
@@ -309,6 +309,7 @@ def sigterm_when(p, predicate, delay=0.0):
     return time.time() - t0
 
 
+@pytest.mark.slow
 def test_sigterm_during_tokenization_exits_cleanly(tmp_path):
     cache, out, log = tmp_path / "fresh-cache", tmp_path / "o", tmp_path / "log"
     p = start_logged(["--output_dir", out, "--max_eval_generations", 0], cache, log)

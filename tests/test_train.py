@@ -135,7 +135,7 @@ def test_bad_flag_is_a_clear_error(tmp_path, sft_cache):
 
 
 def test_help_groups_every_flag_with_its_help_and_default_once():
-    import args
+    from sftloop import args
 
     p = run_cmd([sys.executable, "train_loop.py", "--help"], REPO / ".no-cache", check=True)
     text = p.stdout
@@ -158,7 +158,7 @@ def test_help_groups_every_flag_with_its_help_and_default_once():
 def test_cpu_threads_note_under_accelerate_launch(monkeypatch):
     import types
 
-    import runtime
+    from sftloop import runtime
 
     fake = types.SimpleNamespace(num_processes=2, device=torch.device("cpu"))
     monkeypatch.setenv("LOCAL_RANK", "0")

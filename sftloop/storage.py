@@ -15,7 +15,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-import runtime
+from sftloop import runtime
 
 
 def unseen_by(accelerator: Accelerator, directory: Path, what: str) -> tuple[str, list[str]]:
@@ -47,7 +47,7 @@ def unseen_by(accelerator: Accelerator, directory: Path, what: str) -> tuple[str
     return writer, sorted({node for node, ok in answers if not ok})
 
 
-def check(accelerator: Accelerator, output_dir: str, cache_dir: Path, cache_on_each_node: bool) -> bool:
+def require_shared_dirs(accelerator: Accelerator, output_dir: str, cache_dir: Path, cache_on_each_node: bool) -> bool:
     """Stop, naming the nodes, unless every process sees the same output_dir, and the same cache
     unless --cache_on_each_node. Returns whether the cache is shared (tokenize once in all) or not
     (once on each node)."""

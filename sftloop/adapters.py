@@ -34,14 +34,6 @@ def check_flags(model_args) -> None:
             raise SystemExit("error: --load_in_4bit quantizes a pretrained model: pass --model_name_or_path")
 
 
-def quantization_config():
-    """QLoRA's recipe: NF4 weights, double quantization of their scales, bf16 compute."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
-
-
 def wrap(model, model_args, gradient_checkpointing: bool, base_path: str | None):
     """The model with a fresh LoRA adapter; only the adapter (and --lora_modules_to_save) trains."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -81,11 +73,9 @@ def is_adapter(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_adapter(model, state_dict: dict, directory: Path) -> None:
-    """adapter_model.safetensors + adapter_config.json from the gathered state dict (under ZeRO-3
-    every rank took part in gathering it), checked non-empty before the checkpoint can be marked
-    complete."""
-    model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+def check_saved(directory: Path) -> None:
+    """The adapter just written (adapter_model.safetensors + adapter_config.json, from the gathered
+    state dict) is non-empty, before the checkpoint can be marked complete."""
     saved = load_file(str(directory / ADAPTER_FILE))
     empty = [k for k, v in saved.items() if v.numel() == 0]
     if not saved or empty:
@@ -93,10 +83,10 @@ def save_adapter(model, state_dict: dict, directory: Path) -> None:
                          f"{empty[:3]}); the run stops before marking it complete")
 
 
-def merge(adapter_dir: Path, out: Path, tokenizer, batches: list[dict], checked_on: str, tolerance: float = 1e-4) -> bool:
-    """Merge the adapter into its base model reloaded in fp32 (for QLoRA: the unquantized weights),
-    and write it to `out` only if its logits on `batches` equal the adapter model's within
-    tolerance x the largest logit. Returns whether it was written."""
+def merge(adapter_dir: Path, tokenizer, batches: list[dict], checked_on: str, tolerance: float = 1e-4):
+    """The adapter merged into its base model reloaded in fp32 (for QLoRA: the unquantized weights),
+    if its logits on `batches` (`checked_on` says which samples, for the log) equal the adapter
+    model's within tolerance x the largest logit; else None, with a warning."""
     import json
 
     from peft import PeftModel
@@ -121,11 +111,6 @@ def merge(adapter_dir: Path, out: Path, tokenizer, batches: list[dict], checked_
     if diff > tolerance * max(scale, 1.0):
         log.warning("the merged model's logits differ from the adapter's by %.3g (tolerance %.3g): not writing it; "
                     "the adapter is in the output directory", diff, tolerance * max(scale, 1.0))
-        return False
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    import checkpoints  # here: checkpoints imports this module
-
-    checkpoints.with_users_umask(out)
-    log.info("merged model written to %s (logits within %.2g of the adapter model's on %s)", out, diff, checked_on)
-    return True
+        return None
+    log.info("merged model verified: logits within %.2g of the adapter model's on %s", diff, checked_on)
+    return merged

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import templates
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("sft")
 
 
@@ -46,9 +46,7 @@ def load_pretrained(model_args):
     extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     dtype = torch.float32
     if model_args.load_in_4bit:  # QLoRA: the base in 4-bit NF4, the rest (norms, LM head) in bf16
-        import adapters
-
-        extra["quantization_config"], dtype = adapters.quantization_config(), torch.bfloat16
+        extra["quantization_config"], dtype = quantization_config(), torch.bfloat16
     try:
         return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype,
                                                     use_safetensors=True, trust_remote_code=model_args.trust_remote_code,
@@ -56,6 +54,14 @@ def load_pretrained(model_args):
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load a model with safetensors weights from "
                          f"{model_args.model_name_or_path}: {str(e).splitlines()[0]}") from None
+
+
+def quantization_config():
+    """QLoRA's recipe: NF4 weights, double quantization of their scales, bf16 compute."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 def fit_to_tokenizer(model, tokenizer, max_len: int, end_of_turn: int) -> None:

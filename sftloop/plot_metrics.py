@@ -1,7 +1,7 @@
 """Draw a run's losses (whole, per training source, per validation set), its learning rate and
 its held-out exact match, from its metrics.jsonl.
 
-    python plot_metrics.py output/            # writes output/metrics.png
+    python -m sftloop.plot_metrics output/            # writes output/metrics.png
 """
 
 import json
@@ -62,7 +62,7 @@ def plot(run_dir) -> Path:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python plot_metrics.py RUN_DIR   (a directory with metrics.jsonl)")
+        raise SystemExit("usage: python -m sftloop.plot_metrics RUN_DIR   (a directory with metrics.jsonl)")
     run = Path(sys.argv[1])
     if not run.is_dir():
         raise SystemExit(f"error: {run}: no such directory")

@@ -79,7 +79,7 @@ def configure_deepspeed(accelerator: Accelerator, args) -> None:
             raise SystemExit(f"error: the DeepSpeed config sets {key}={ds[key]} but the flags ask for {value}; "
                              f"set it to \"auto\" in the DeepSpeed config or pass the same value")
         ds[key] = value
-    ds["train_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    ds["train_batch_size"] = global_batch_size(args, accelerator.num_processes)
     zero = ds.setdefault("zero_optimization", {})
     if "optimizer" in offloaded(zero) and args.optim != "adamw_torch":
         # accelerate hands DeepSpeed its CPU Adam in place of whatever optimizer it is given.
@@ -152,13 +152,23 @@ def unwrapped(model):
     return model
 
 
-def reduce_sums(accelerator: Accelerator, numbers: dict) -> dict[str, float]:
-    """Each number summed over all processes, in one collective: every process must call it with
-    the same names."""
-    local = torch.stack([torch.as_tensor(v, dtype=torch.float64, device="cpu").reshape(()) for v in numbers.values()])
+def reduce_sums(accelerator: Accelerator, numbers: dict) -> dict:
+    """Each number, or tensor of numbers, summed over all processes in one collective (every process
+    must call it with the same names and shapes): numbers come back as floats, tensors as CPU tensors.
+    The one reduction helper: every cross-process sum of the loop goes through it."""
     # float64 on the way (gloo and NCCL both take it), so token counts stay exact past 2^24
-    summed = accelerator.reduce(local.to(accelerator.device), "sum").tolist()
-    return dict(zip(numbers, summed))
+    parts = [torch.as_tensor(v, dtype=torch.float64).to(accelerator.device) for v in numbers.values()]
+    summed = accelerator.reduce(torch.cat([p.reshape(-1) for p in parts]), "sum").cpu()
+    out, at = {}, 0
+    for name, part in zip(numbers, parts):
+        piece, at = summed[at:at + part.numel()], at + part.numel()
+        out[name] = piece.item() if part.dim() == 0 else piece.reshape(part.shape)
+    return out
+
+
+def global_batch_size(args, world_size: int) -> int:
+    """Samples per optimizer step over all processes: what split equivalence keeps fixed."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
 
 
 # --- SIGTERM (Slurm, Kubernetes): finish the step, checkpoint, exit 0 --------------------------

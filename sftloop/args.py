@@ -11,7 +11,7 @@ from typing import Literal
 
 from transformers import HfArgumentParser
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 SAMPLE_TRAIN = REPO / "data" / "sample_belle.jsonl"
 SAMPLE_EVAL = REPO / "data" / "sample_belle_eval.jsonl"
 

@@ -4,18 +4,21 @@ into place when complete), the final model, and resuming (only from complete, pl
 from __future__ import annotations
 
 import io
+import logging
 import json
 import os
 import pickle
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-import adapters
-import runtime
+from sftloop import adapters, runtime
+
+log = logging.getLogger("sft")
 
 def prepare_output_dir(args, accelerator: Accelerator) -> str | None:
     """The checkpoint to resume from, if any; refuses to write into a used directory otherwise."""
@@ -60,21 +63,26 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def write_model_dir(model, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
+    """An HF model directory (or, for a peft model, the adapter only: adapter_model.safetensors +
+    adapter_config.json) with the tokenizer: every model directory the run writes is written here."""
+    model.save_pretrained(directory, state_dict=state_dict)
+    tokenizer.save_pretrained(directory)
+    with_users_umask(directory)
+
+
 def save_hf_model(accelerator: Accelerator, model, tokenizer, directory: Path) -> None:
     # Every rank must call get_state_dict: under ZeRO-3 it gathers the shards with a collective.
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        if adapters.is_adapter(unwrapped):  # the adapter only: adapter_model.safetensors + adapter_config.json
-            adapters.save_adapter(unwrapped, state_dict, directory)
-        else:
-            # DeepSpeed hands back tied weights (lm_head = embeddings) as two tensors; store one, as HF does.
-            for target, source in (getattr(unwrapped, "all_tied_weights_keys", None) or {}).items():
-                if source in state_dict:
-                    state_dict.pop(target, None)
-            unwrapped.save_pretrained(directory, state_dict=state_dict)
-        tokenizer.save_pretrained(directory)
-        with_users_umask(directory)
+        # DeepSpeed hands back tied weights (lm_head = embeddings) as two tensors; store one, as HF does.
+        for target, source in (getattr(unwrapped, "all_tied_weights_keys", None) or {}).items():
+            if source in state_dict:
+                state_dict.pop(target, None)
+        write_model_dir(unwrapped, tokenizer, directory, state_dict)
+        if adapters.is_adapter(unwrapped):
+            adapters.check_saved(directory)
 
 
 def with_users_umask(directory: Path) -> None:
@@ -94,9 +102,7 @@ def save_base_model(accelerator: Accelerator, model, tokenizer, args) -> str:
     save_pretrained gathers nothing."""
     path = Path(args.output_dir) / "base_model"
     if accelerator.is_main_process:
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        with_users_umask(path)
+        write_model_dir(model, tokenizer, path)
     accelerator.wait_for_everyone()
     return str(path.resolve())
 
@@ -104,6 +110,7 @@ def save_base_model(accelerator: Accelerator, model, tokenizer, args) -> str:
 def save_checkpoint(accelerator: Accelerator, model, tokenizer, args, state: dict) -> Path:
     """Write into a temporary directory, mark it complete, then rename it into place: a run killed
     mid-save leaves the previous checkpoints intact and no directory that looks finished."""
+    began = time.perf_counter()
     out = Path(args.output_dir)
     final = out / f"checkpoint-{state['global_step']}"
     tmp = out / f".tmp-checkpoint-{state['global_step']}"
@@ -125,6 +132,7 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, args, state: dic
             for old in complete_checkpoints(out)[:-args.save_total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
+    log.info("saved %s in %.1f s", final, time.perf_counter() - began)
     return final
 
 

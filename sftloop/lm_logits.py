@@ -3,7 +3,8 @@
 Both come from the model's own forward, so whatever a model does after its LM head (Gemma 2's
 final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling, the next architecture's
 idea) and the precision it runs in (accelerate's autocast wraps that forward) are the same on both
-paths. The loss itself is train_loop.token_loss; this module only decides where logits come from.
+paths. The loss itself is train_loop.token_loss; this module decides where logits come from (and
+how large a chunk may be), and counts the target tokens.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import logging
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-import runtime
 from collate import collate
+from sftloop import runtime
 from templates import IGNORE_INDEX
 
 log = logging.getLogger("sft")
@@ -36,19 +37,6 @@ def num_targets(labels: torch.Tensor) -> int:
 def targets_at(labels: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """The trained next tokens, in the order of `where`'s True positions (row-major)."""
     return labels[:, 1:][where[:, :-1]]
-
-
-def sums_by_source(token_losses: list[torch.Tensor] | None, micro_batches: list[dict], num_sources: int) -> dict:
-    """Per source k: the loss sum ("loss_sum/k") and the target tokens ("target_tokens/k") of these
-    micro-batches, from each batch's per-token source ids; zeros for a step without losses (skipped)."""
-    loss = torch.zeros(num_sources, dtype=torch.float64)
-    tokens = torch.zeros(num_sources, dtype=torch.float64)
-    for b, losses in zip(micro_batches, token_losses or []):
-        src = b["source"][target_positions(b["labels"])].cpu()
-        tokens.index_add_(0, src, torch.ones_like(src, dtype=torch.float64))
-        loss.index_add_(0, src, losses.double().cpu())
-    return {**{f"loss_sum/{k}": loss[k] for k in range(num_sources)},
-            **{f"target_tokens/{k}": tokens[k] for k in range(num_sources)}}
 
 
 def model_inputs(batch: dict) -> dict:

@@ -1,0 +1,1 @@
+"""Measurements, each run from the repository root as python -m bench.NAME (see docs/benchmarks.md)."""

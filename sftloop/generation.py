@@ -1,0 +1,23 @@
+"""Replies from a model, rendered with its chat template: what evaluation and chat.py share. Only
+torch here, so chat.py does not import the training stack (accelerate, DeepSpeed)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+@torch.no_grad()
+def generate_reply(model, tokenizer, ids: list[int], max_new_tokens: int, synced_gpus: bool = False,
+                   temperature: float = 0.0, top_p: float = 1.0, streamer=None) -> str:
+    """Greedy (temperature 0) or sampled reply; stops at the model's generation_config eos, which
+    the loop sets to the template's end-of-turn token (e.g. <|im_end|>)."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus, streamer=streamer, **sampling)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
