@@ -1,7 +1,8 @@
 """Which samples go into which optimizer step, and this process's micro-batches of it.
 
-The one place that decides batch composition: `epoch_samples` draws each source's share of an
-epoch (the mixture), `epoch_order` orders them, `step_micro_batches` deals a step out. Edit them
+Where a step's samples are decided: `epoch_samples` draws each source's share of an epoch (the
+counts come from the mixture weights, in sftloop/sft_data.py), `epoch_order` orders them,
+`step_micro_batches` deals a step out (packing a micro-batch into rows is collate.py's). Edit them
 to change how batches are formed (the tokenized data is cached apart from this file, so an edit
 here never re-tokenizes)."""
 

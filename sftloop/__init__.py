@@ -5,7 +5,8 @@ files except the leaf modules templates.py and collate.py.
     args          the flags: dataclasses parsed by HfArgumentParser, YAML/JSON run files
     runtime       the accelerator (DDP, DeepSpeed, FSDP2), cross-process sums, SIGTERM, lost peers
     storage       directories every node must share (output_dir, the token cache)
-    sft_data      files to tokens: reading, validating, tokenizing, the cache, the corpus plan
+    sources       what the user named, read and checked, each error with its file and line
+    sft_data      records to tokens, cached once per file; the corpus and its mixture plan
     lm_logits     logits at the target positions (whole or chunk by chunk), target counts
     evaluation    held-out loss, exact match, sample replies
     generation    a reply from a model (evaluation and chat.py)

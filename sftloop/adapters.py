@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from sftloop.common import first_line
+
 log = logging.getLogger("sft")
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -97,7 +99,7 @@ def merge(adapter_dir: Path, tokenizer, batches: list[dict], checked_on: str, to
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError, TypeError) as e:
         raise SystemExit(f"error: cannot merge the adapter in {adapter_dir}: its base model {base_path!r} cannot be "
-                         f"loaded ({str(e).splitlines()[0][:200]}); the adapter itself is saved") from None
+                         f"loaded ({first_line(e)}); the adapter itself is saved") from None
     if len(tokenizer) > base.get_input_embeddings().num_embeddings:
         base.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()

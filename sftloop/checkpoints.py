@@ -4,8 +4,8 @@ into place when complete), the final model, and resuming (only from complete, pl
 from __future__ import annotations
 
 import io
-import logging
 import json
+import logging
 import os
 import pickle
 import re
@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from sftloop import adapters, runtime
+from sftloop.common import first_line
 
 log = logging.getLogger("sft")
 
@@ -178,7 +179,7 @@ def _load_plain(source, f: Path, allowed: list) -> None:
     except Exception as e:
         what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         raise SystemExit(f"error: refusing to resume from {f}: it holds more than tensors and plain data "
-                         f"({what.group(1) if what else str(e).splitlines()[0][:200]})") from None
+                         f"({what.group(1) if what else first_line(e)})") from None
 
 
 class _DcpMetadata(pickle.Unpickler):
@@ -203,7 +204,7 @@ def _check_dcp_checkpoint(meta_file: Path, allowed: list) -> None:
             metadata = _DcpMetadata(fh).load()
     except Exception as e:
         raise SystemExit(f"error: refusing to resume from {meta_file}: it holds more than a checkpoint index "
-                         f"({str(e).splitlines()[0][:200]})") from None
+                         f"({first_line(e)})") from None
     for index, where in metadata.storage_data.items():
         if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
             f = meta_file.parent / where.relative_path
@@ -234,16 +235,13 @@ def resume(accelerator: Accelerator, resume_dir: str, global_batch: int, seed: i
                          f"from its weights: --model_name_or_path {ckpt}")
     saved_by, now_engine = engine_of(ckpt / "training_state"), runtime.engine(accelerator)
     if saved_by != now_engine:
-        raise SystemExit(f"error: {ckpt} holds training state written under {ENGINES[saved_by]}, which "
-                         f"{ENGINES[now_engine]} cannot load. Resume it with the accelerate config it was trained with, "
+        raise SystemExit(f"error: {ckpt} holds training state written under {runtime.ENGINES[saved_by]}, which "
+                         f"{runtime.ENGINES[now_engine]} cannot load. Resume it with the accelerate config it was trained with, "
                          "or start a new run "
                          f"from its weights (its model.safetensors): --model_name_or_path {ckpt} (the optimizer "
                          "state starts afresh)")
     accelerator.load_state(str(ckpt / "training_state"))
     return state
-
-
-ENGINES = {"deepspeed": "DeepSpeed", "fsdp": "FSDP", "plain": "one process or DDP"}
 
 
 def engine_of(state_dir: Path) -> str:

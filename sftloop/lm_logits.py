@@ -17,6 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from collate import collate
 from sftloop import runtime
+from sftloop.common import first_line
 from templates import IGNORE_INDEX
 
 log = logging.getLogger("sft")
@@ -101,7 +102,7 @@ def keeps_the_models_logits(model, batch: dict) -> tuple[bool, float]:
         hidden = model(**model_inputs(batch), output_hidden_states=True).hidden_states[-1][where]
         chunked = head_logits(model, hidden).float()
     except Exception as e:  # an architecture whose forward does not fit the pattern
-        log.info("chunked logits: not possible for %s (%s)", type(model).__name__, str(e).splitlines()[0][:200])
+        log.info("chunked logits: not possible for %s (%s)", type(model).__name__, first_line(e))
         return False, float("inf")
     finally:
         model.train(was_training)

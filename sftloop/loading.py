@@ -4,14 +4,13 @@ model to them (positions, vocabulary, where generation stops)."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import templates
+from sftloop.common import REPO, first_line
 
-REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("sft")
 
 
@@ -22,7 +21,7 @@ def load_tokenizer(model_args):
         tokenizer.pad_token = tokenizer.eos_token
         log.info("Tokenizer has no pad token: padding with eos %r (padding is masked out, so this is safe)",
                  tokenizer.eos_token)
-    for tok in templates.TEMPLATE_SPECIAL_TOKENS.get(model_args.template, ()):
+    for tok in templates.TEMPLATES[model_args.template].special_tokens:
         if tok not in tokenizer.get_vocab():
             raise SystemExit(f"error: --template {model_args.template} needs the token {tok!r}, which the tokenizer "
                              f"at {path} does not have; choose a template that matches the tokenizer")
@@ -53,7 +52,7 @@ def load_pretrained(model_args):
                                                     **extra)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load a model with safetensors weights from "
-                         f"{model_args.model_name_or_path}: {str(e).splitlines()[0]}") from None
+                         f"{model_args.model_name_or_path}: {first_line(e, 1000)}") from None
 
 
 def quantization_config():

@@ -121,8 +121,12 @@ def shards_parameters(accelerator: Accelerator) -> bool:
     return is_zero3(accelerator) or accelerator.distributed_type == DistributedType.FSDP
 
 
+# The engines that write training state, each its own format: the one table of their names.
+ENGINES = {"deepspeed": "DeepSpeed", "fsdp": "FSDP", "plain": "one process or DDP"}
+
+
 def engine(accelerator: Accelerator) -> str:
-    """What wrote (or will read) the training state: 'deepspeed', 'fsdp' or 'plain' (one process or DDP)."""
+    """What wrote (or will read) the training state: a key of ENGINES."""
     kind = accelerator.distributed_type
     return "deepspeed" if kind == DistributedType.DEEPSPEED else "fsdp" if kind == DistributedType.FSDP else "plain"
 
@@ -224,18 +228,19 @@ def stop_agreed(accelerator: Accelerator) -> bool:
 def describe(accelerator: Accelerator) -> str:
     n = accelerator.num_processes
     kind = accelerator.distributed_type
+    backend = "gloo" if accelerator.device.type == "cpu" else "NCCL"
     if kind == DistributedType.NO:
-        engine = "no distributed backend"
+        what = "no distributed backend"
     elif kind == DistributedType.DEEPSPEED:
-        engine = f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+        what = f"{ENGINES['deepspeed']} ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
         if moved := offloaded(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})):
-            engine += f", {' and '.join(moved)} offloaded to CPU memory"
+            what += f", {' and '.join(moved)} offloaded to CPU memory"
     elif kind == DistributedType.FSDP:
-        engine = f"FSDP{accelerator.state.fsdp_plugin.fsdp_version} over {'gloo' if accelerator.device.type == 'cpu' else 'NCCL'}"
+        what = f"{ENGINES['fsdp']}{accelerator.state.fsdp_plugin.fsdp_version} over {backend}"
     else:
-        engine = f"DDP over {'gloo' if accelerator.device.type == 'cpu' else 'NCCL'}"
+        what = f"DDP over {backend}"
     nodes = n // int(os.environ.get("LOCAL_WORLD_SIZE", n) or n)
-    return f"{n} process{'es' if n > 1 else ''}{f' on {nodes} nodes' if nodes > 1 else ''}, {engine}"
+    return f"{n} process{'es' if n > 1 else ''}{f' on {nodes} nodes' if nodes > 1 else ''}, {what}"
 
 
 def node_name() -> str:

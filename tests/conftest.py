@@ -1,6 +1,10 @@
+import os
 from pathlib import Path
 
 import pytest
+
+# tqdm reads its TQDM_* settings when it is imported: no progress bars in runs made in this process
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 

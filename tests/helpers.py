@@ -30,8 +30,58 @@ def quick(args):
     return args if "--max_eval_generations" in args else args + ["--max_eval_generations", "0"]
 
 
-def train(args, cache, **kw):
-    return run_cmd([sys.executable, "train_loop.py", *quick(args)], cache, **kw)
+def train(args, cache, check=True, env_extra=None, subprocess_=False, **kw):
+    """`python train_loop.py ARGS`, run in this process through train_loop.main as python would run
+    it, minus the interpreter's start-up (several seconds a run on 2 cores): the environment and the
+    working directory as run_cmd sets them, stdout and stderr captured (the log lines too), a
+    user's error (SystemExit with a message) printed to stderr with exit status 1. Returns what
+    run_cmd returns. subprocess_=True runs a real subprocess instead."""
+    if subprocess_:
+        return run_cmd([sys.executable, "train_loop.py", *quick(args)], cache, check=check, env_extra=env_extra, **kw)
+    import contextlib
+    import io
+    import logging
+
+    import train_loop
+    from accelerate.state import AcceleratorState, GradientState
+    from sftloop import runtime
+
+    argv = quick(args)
+    env = {"SFT_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **(env_extra or {})}
+    saved_env, cwd = {k: os.environ.get(k) for k in env}, os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handler = logging.StreamHandler(err)  # what logs.setup's basicConfig would install in a fresh process
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    saved_handlers, saved_level = root.handlers[:], root.level
+    root.handlers, code = [handler], 0
+    os.environ.update(env)
+    os.chdir(REPO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), runtime.errors_said_once():
+            train_loop.main(argv)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            err.write(e.code + "\n")
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(cwd)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        root.handlers, root.level = saved_handlers, saved_level
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        import gc
+
+        gc.collect()
+    p = subprocess.CompletedProcess([sys.executable, "train_loop.py", *argv], code, out.getvalue(), err.getvalue())
+    if check and p.returncode != 0:
+        raise AssertionError(f"train_loop.py {' '.join(argv)} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n"
+                             f"--- stderr\n{p.stderr[-8000:]}")
+    return p
 
 
 def launch(config, args, cache, launcher_flags=(), script="train_loop.py", **kw):

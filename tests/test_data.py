@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import batches
-from sftloop import sft_data
+from sftloop import sft_data, sources
 import templates
 
 BELLE = {"conversations": [{"from": "human", "value": "hi"}, {"from": "assistant", "value": "hello there"}]}
@@ -70,15 +70,15 @@ def test_samples_without_trainable_tokens_after_truncation_are_dropped_and_repor
 ])
 def test_bad_lines_are_reported_with_file_and_line(tmp_path, qwen_tok, content, match):
     (tmp_path / "t.jsonl").write_text(content)
-    with pytest.raises(sft_data.DataProblems, match=match):
+    with pytest.raises(sources.DataProblems, match=match):
         prepare([str(tmp_path / "t.jsonl")], qwen_tok, tmp_path / "cache")
 
 
 def test_missing_file_and_bad_extension(tmp_path, qwen_tok):
-    with pytest.raises(sft_data.DataProblems, match="nope.jsonl: no such file"):
+    with pytest.raises(sources.DataProblems, match="nope.jsonl: no such file"):
         prepare([str(tmp_path / "nope.jsonl")], qwen_tok, tmp_path / "cache")
     (tmp_path / "x.csv").write_text("a,b\n")
-    with pytest.raises(sft_data.DataProblems, match="unsupported extension '.csv'"):
+    with pytest.raises(sources.DataProblems, match="unsupported extension '.csv'"):
         prepare([str(tmp_path / "x.csv")], qwen_tok, tmp_path / "cache")
 
 

@@ -1,5 +1,5 @@
-"""Exactness, proven on CPU with real DDP and DeepSpeed:
-the same global batch gives the same model however it is split; resume is exact; ZeRO-3 saves are whole.
+"""Exactness, proven on CPU with real DDP, DeepSpeed ZeRO-2 and ZeRO-3, and FSDP2: the same global
+batch gives the same model however it is split; resume is exact; ZeRO-3 and FSDP2 saves are whole.
 """
 
 import json

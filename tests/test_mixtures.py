@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import batches
-from sftloop import sft_data
+from sftloop import sft_data, sources
 import templates
 from helpers import launch, max_diff, metrics, train, weights
 
@@ -85,21 +85,21 @@ def test_mixture_steps_depend_only_on_seed_and_global_batch_with_grouping(tmp_pa
     ("{a}:0.01", "weight 0.01 of 10 usable sample(s) gives 0 samples"),
 ])
 def test_bad_weights_are_clear_errors(tmp_path, tiny_tok, three, spec, message):
-    with pytest.raises(sft_data.DataProblems, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(sources.DataProblems, match=message.replace("(", r"\(").replace(")", r"\)")):
         corpus_of([spec.format(a=three[0])], tiny_tok, tmp_path / "cache")
 
 
 def test_a_file_named_twice_and_a_source_with_nothing_usable_are_named(tmp_path, tiny_tok, three):
     a, b, _ = three
-    with pytest.raises(sft_data.DataProblems, match="a.jsonl is named twice"):
+    with pytest.raises(sources.DataProblems, match="a.jsonl is named twice"):
         corpus_of([a, b, f"{a}:2.0"], tiny_tok, tmp_path / "cache")
     d = tmp_path / "dir"
     d.mkdir()
     shutil.copy(b, d / "b.jsonl")
-    with pytest.raises(sft_data.DataProblems, match="b.jsonl is named twice"):
+    with pytest.raises(sources.DataProblems, match="b.jsonl is named twice"):
         corpus_of([str(d / "b.jsonl"), str(d)], tiny_tok, tmp_path / "cache")
     bad = write(tmp_path / "bad.jsonl", [{"conversations": [{"from": "human", "value": "q"}]}] * 3)
-    with pytest.raises(sft_data.DataProblems, match=f"--train_files {bad}: no usable train sample in it \\(of 3 record"):
+    with pytest.raises(sources.DataProblems, match=f"--train_files {bad}: no usable train sample in it \\(of 3 record"):
         corpus_of([a, bad], tiny_tok, tmp_path / "cache", skip_invalid=True)
 
 
@@ -107,16 +107,16 @@ def test_mixture_file_yaml_and_json_with_names_and_relative_paths(tmp_path, tiny
     a, b, c = three
     (tmp_path / "mix.yaml").write_text("train_files:\n  - a.jsonl:0.5\n  - path: b.jsonl\n    weight: 2.0\n    name: bee\n"
                                        "  - path: c.jsonl\nvalidation_files:\n  - c.jsonl\n")
-    train_entries, eval_entries = sft_data.read_mixture_file(str(tmp_path / "mix.yaml"))
+    train_entries, eval_entries = sources.read_mixture_file(str(tmp_path / "mix.yaml"))
     corpus = corpus_of(train_entries, tiny_tok, tmp_path / "cache")
     assert corpus.names == ["a", "bee", "c"] and corpus.counts == [5, 20, 4]
     assert [e["spec"] for e in eval_entries] == [str(tmp_path / "c.jsonl")]
     (tmp_path / "mix.json").write_text(json.dumps([f"{a}:0.5", {"path": b, "weight": "2.0", "name": "bee"}, c]))
-    again = corpus_of(sft_data.read_mixture_file(str(tmp_path / "mix.json"))[0], tiny_tok, tmp_path / "cache")
+    again = corpus_of(sources.read_mixture_file(str(tmp_path / "mix.json"))[0], tiny_tok, tmp_path / "cache")
     assert again.names == corpus.names and again.counts == corpus.counts
     (tmp_path / "bad.yaml").write_text("train_files:\n  - {path: a.jsonl, weigth: 2}\n")
-    with pytest.raises(sft_data.DataProblems, match=r"bad.yaml: train_files\[0\]: expected 'path\[:weight\]'"):
-        sft_data.read_mixture_file(str(tmp_path / "bad.yaml"))
+    with pytest.raises(sources.DataProblems, match=r"bad.yaml: train_files\[0\]: expected 'path\[:weight\]'"):
+        sources.read_mixture_file(str(tmp_path / "bad.yaml"))
 
 
 def test_directories_saved_datasets_and_their_bad_rows(tmp_path, qwen_tok):
@@ -141,10 +141,10 @@ def test_directories_saved_datasets_and_their_bad_rows(tmp_path, qwen_tok):
 
     bad = records[:3] + [{"conversations": [{"from": "robot", "value": "x"}, {"from": "assistant", "value": "y"}]}]
     write(d / "c3.jsonl", bad)  # the fourth record of the directory's last file: its line 4
-    with pytest.raises(sft_data.DataProblems, match=rf"{d / 'c3.jsonl'}:4: conversations\[0\]: unknown role 'robot'"):
+    with pytest.raises(sources.DataProblems, match=rf"{d / 'c3.jsonl'}:4: conversations\[0\]: unknown role 'robot'"):
         corpus_of([str(d)], qwen_tok, tmp_path / "cache")
     datasets.Dataset.from_list(bad).save_to_disk(str(tmp_path / "saved_bad"))
-    with pytest.raises(sft_data.DataProblems, match=rf"{tmp_path / 'saved_bad'}: row 3: conversations\[0\]: unknown role"):
+    with pytest.raises(sources.DataProblems, match=rf"{tmp_path / 'saved_bad'}: row 3: conversations\[0\]: unknown role"):
         corpus_of([str(tmp_path / "saved_bad")], qwen_tok, tmp_path / "cache")
 
 
@@ -155,18 +155,18 @@ def test_sources_of_another_kind_are_clear_errors(tmp_path, tiny_tok, monkeypatc
     other = tmp_path / "csvs"
     other.mkdir()
     (other / "a.csv").write_text("q,a\n")
-    with pytest.raises(sft_data.DataProblems, match="csvs: a directory with no .json/.jsonl/.parquet files, and not one "
+    with pytest.raises(sources.DataProblems, match="csvs: a directory with no .json/.jsonl/.parquet files, and not one "
                                                     "written by datasets' save_to_disk .*it holds: a.csv"):
         corpus_of([str(other)], tiny_tok, tmp_path / "cache")
     datasets.DatasetDict({"test": datasets.Dataset.from_list([conv(0)])}).save_to_disk(str(tmp_path / "nodict"))
-    with pytest.raises(sft_data.DataProblems, match="a saved DatasetDict without a 'train' split \\(it has: test\\)"):
+    with pytest.raises(sources.DataProblems, match="a saved DatasetDict without a 'train' split \\(it has: test\\)"):
         corpus_of([str(tmp_path / "nodict")], tiny_tok, tmp_path / "cache")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without the internet, without waiting for it
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(sft_data.DataProblems, match="someone/no-such-dataset: not a local file or directory, and the "
+    with pytest.raises(sources.DataProblems, match="someone/no-such-dataset: not a local file or directory, and the "
                                                     "dataset id could not be loaded .*Pass a local copy instead"):
         corpus_of(["someone/no-such-dataset"], tiny_tok, tmp_path / "cache")
-    with pytest.raises(sft_data.DataProblems, match="missing.jsonl: no such file"):  # a path, not an id
+    with pytest.raises(sources.DataProblems, match="missing.jsonl: no such file"):  # a path, not an id
         corpus_of([str(tmp_path / "missing.jsonl")], tiny_tok, tmp_path / "cache")
 
 

@@ -151,15 +151,19 @@ def test_a_node_that_dies_ends_the_others_with_a_message_and_the_checkpoint_inta
     assert weights(last)  # a whole model, readable
 
 
-def test_a_node_that_never_joins_stops_the_launch_within_the_join_timeout(tmp_path, sft_cache):
-    """Only node 0 of two is started: the launcher's rendezvous stops after its timeout (the recipes
-    set it) instead of waiting forever, saying how many nodes joined."""
+@pytest.mark.parametrize("script, config", [("slurm.sbatch", "configs/cpu_ddp.yaml"), ("slurm_torchrun.sbatch", None)])
+def test_a_node_that_never_joins_stops_the_shipped_scripts_at_their_join_timeout(tmp_path, sft_cache, script, config):
+    """Slurm starts only node 0 of two: each shipped script hands its JOIN_TIMEOUT to the launcher's
+    rendezvous, which stops then instead of waiting forever, saying how many nodes joined."""
+    fake_slurm(tmp_path / "bin")
+    env = {**slurm_env(tmp_path, config), "SRUN_SKIP_NODES": "1", "JOIN_TIMEOUT": "5"}
     t0 = time.time()
-    p = start(node_cmd("cpu_ddp.yaml", 0, free_port(), ["--output_dir", tmp_path / "o", "--max_steps", 1],
-                       launcher_flags=["--rdzv_conf", "timeout=5"]), sft_cache)
-    log, _ = p.communicate(timeout=120)
-    assert p.returncode != 0 and time.time() - t0 < 60
-    assert "1/2 clients joined" in log
+    p = run_cmd(["bash", f"launch/{script}", "--output_dir", str(tmp_path / "o"), "--max_steps", "1"], sft_cache,
+                check=False, env_extra=env, timeout=300)
+    log = (tmp_path / "node0.log").read_text()
+    assert p.returncode != 0 and time.time() - t0 < 120, log[-3000:]
+    assert "1/2 clients joined" in log, log[-3000:]
+    assert not (tmp_path / "node1.log").exists()
 
 
 def fake_slurm(bin_dir):
@@ -170,6 +174,7 @@ def fake_slurm(bin_dir):
 [[ "$1" == --* ]] && shift   # --kill-on-bad-exit=1
 pids=()
 for node in $(seq 0 $((SLURM_NNODES - 1))); do
+  [[ " $SRUN_SKIP_NODES " == *" $node "* ]] && continue   # a node that never starts
   SLURM_NODEID=$node SLURM_PROCID=$node SLURM_LOCALID=0 "$@" > "$SRUN_LOGS/node$node.log" 2>&1 &
   pids+=($!)
 done
@@ -182,15 +187,20 @@ exit $status
         f.chmod(f.stat().st_mode | stat.S_IEXEC)
 
 
+def slurm_env(tmp_path, config):
+    """What Slurm sets for a two-node job, with the fake srun and scontrol first on PATH."""
+    return {"PATH": f"{tmp_path / 'bin'}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+            "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_NNODES": "2", "SLURM_NTASKS": "2",
+            "GPUS_PER_NODE": "1", "MAIN_PORT": str(free_port()), "SRUN_LOGS": str(tmp_path),
+            **({"CONFIG": config} if config else {})}
+
+
 @pytest.mark.parametrize("script, config", [("slurm.sbatch", "configs/cpu_ddp.yaml"), ("slurm_torchrun.sbatch", None)])
 def test_slurm_scripts_launch_two_nodes_as_shipped(tmp_path, sft_cache, script, config):
     """The shipped batch scripts, run as Slurm runs them on two nodes (srun: one task per node)."""
     fake_slurm(tmp_path / "bin")
     out = tmp_path / "o"
-    env = {"PATH": f"{tmp_path / 'bin'}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_NNODES": "2", "SLURM_NTASKS": "2",
-           "GPUS_PER_NODE": "1", "MAIN_PORT": str(free_port()), "SRUN_LOGS": str(tmp_path),
-           **({"CONFIG": config} if config else {})}
+    env = slurm_env(tmp_path, config)
     p = run_cmd(["bash", f"launch/{script}", "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
                  "--max_eval_generations", "0"], sft_cache, check=False, env_extra=env)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:] + "".join(

@@ -7,12 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from sftloop import sft_data
+from sftloop import sft_data, sources
 from helpers import REPO, launch, max_diff, metrics_lines, quick, run_cmd, start, train, wait_for, weights
 
 GOOD = {"conversations": [{"from": "human", "value": "hi"}, {"from": "assistant", "value": "hello"}]}
@@ -49,7 +50,7 @@ def test_each_kind_of_bad_record_is_named_with_file_and_line(tmp_path, tiny_tok,
     line, message = BAD_LINES[kind]
     f = tmp_path / "data.jsonl"
     f.write_bytes(b"\n".join([GOOD_LINE.encode(), GOOD_LINE.encode(), line, GOOD_LINE.encode()]) + b"\n")
-    with pytest.raises(sft_data.DataProblems, match=rf"1 problem\(s\) in the data:\n  {f}:3: {message}"):
+    with pytest.raises(sources.DataProblems, match=rf"1 problem\(s\) in the data:\n  {f}:3: {message}"):
         prepare(f, tiny_tok, tmp_path / "cache")
     # --skip_invalid_samples: the other records are kept, the bad one counted
     ds = prepare(f, tiny_tok, tmp_path / "cache", skip_invalid=True)
@@ -59,14 +60,14 @@ def test_each_kind_of_bad_record_is_named_with_file_and_line(tmp_path, tiny_tok,
 def test_truncated_last_line(tmp_path, tiny_tok):
     f = tmp_path / "data.jsonl"
     f.write_text(GOOD_LINE + "\n" + GOOD_LINE[:25])
-    with pytest.raises(sft_data.DataProblems, match=rf"{f}:2: invalid JSON \(truncated last line\?\)"):
+    with pytest.raises(sources.DataProblems, match=rf"{f}:2: invalid JSON \(truncated last line\?\)"):
         prepare(f, tiny_tok, tmp_path / "cache")
 
 
 def test_bad_record_in_a_json_array_is_named_by_index(tmp_path, tiny_tok):
     f = tmp_path / "data.json"
     f.write_text(json.dumps([GOOD, {"messages": [{"role": "user", "content": "q"}]}]))
-    with pytest.raises(sft_data.DataProblems, match=rf"{f}: record 1: conversation has no assistant turn"):
+    with pytest.raises(sources.DataProblems, match=rf"{f}: record 1: conversation has no assistant turn"):
         prepare(f, tiny_tok, tmp_path / "cache")
 
 
@@ -80,7 +81,7 @@ def test_file_level_problems(tmp_path, tiny_tok, name, content, message):
     f = tmp_path / name
     if content is not None:
         f.write_text(content)
-    with pytest.raises(sft_data.DataProblems, match=f"{name}: {message}"):
+    with pytest.raises(sources.DataProblems, match=f"{name}: {message}"):
         prepare(f, tiny_tok, tmp_path / "cache")
 
 
@@ -253,11 +254,25 @@ def test_model_weights_only_from_safetensors(tmp_path, sft_cache, poisoned_model
     assert r.returncode != 0 and "Traceback" not in r.stderr and "safetensors" in r.stderr
 
 
-def test_trust_remote_code_is_off_by_default():
-    import train_loop
+@pytest.mark.parametrize("flags, expected", [([], False), (["--trust_remote_code", "true"], True)])
+def test_trust_remote_code_reaches_every_from_pretrained_and_is_off_by_default(monkeypatch, flags, expected):
+    from sftloop import loading
+    from sftloop.args import parse_args
 
-    model_args, _, _ = train_loop.parse_args([])
-    assert model_args.trust_remote_code is False
+    seen = []
+
+    def from_pretrained(path, **kw):
+        seen.append(kw.get("trust_remote_code"))
+        raise OSError("stop here")
+
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    model_args, _, _ = parse_args(["--model_name_or_path", "some/model", *flags])
+    with pytest.raises(OSError):
+        loading.load_tokenizer(model_args)
+    with pytest.raises(SystemExit):
+        loading.load_pretrained(model_args)
+    assert seen == [expected, expected]
 
 
 # --- 6. configuration mistakes, caught before training -----------------------------------------
@@ -276,7 +291,8 @@ def test_deepspeed_config_that_disagrees_with_the_flags(tmp_path, sft_cache):
 @pytest.mark.parametrize("flags, message", [
     (["--max_len", 100000], "--max_len 100000 is beyond the model's 4096 positions"),
     (["--template", "llama3"], "--template llama3 needs the token '<|begin_of_text|>'"),
-    (["--bf16", "true"], "asks for bf16, but this machine has no GPU with bf16 support"),
+    pytest.param(["--bf16", "true"], "asks for bf16, but this machine has no GPU with bf16 support",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine trains in bf16")),
     (["--sample_prompts", REPO / "README.md"], "expected a .txt file (one message a line) or a .jsonl/.json file"),
 ])
 def test_configuration_mistakes(tmp_path, sft_cache, flags, message):
@@ -307,6 +323,38 @@ def sigterm_when(p, predicate, delay=0.0):
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=60) == 0
     return time.time() - t0
+
+
+def test_the_cache_index_appears_only_once_its_arrow_files_are_whole(tmp_path, tiny_tok, monkeypatch):
+    """A run stopped while tokenizing (SIGTERM, a kill) leaves Arrow files but no index, so the next
+    run tokenizes again instead of reading a part; when the index appears, its files hold every row."""
+    import datasets
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join([GOOD_LINE] * 30) + "\n")
+    cache = tmp_path / "cache"
+    real_map = datasets.Dataset.map
+
+    def stopped_after_writing(self, *a, **kw):
+        real_map(self, *a, **kw)
+        raise KeyboardInterrupt  # the process ends after the Arrow file, before the index
+
+    monkeypatch.setattr(datasets.Dataset, "map", stopped_after_writing)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(data, tiny_tok, cache)
+    assert list(cache.glob("tokenized-*.arrow")) and not list(cache.glob("tokenized-*.json"))
+    monkeypatch.setattr(datasets.Dataset, "map", real_map)
+    rows_when_indexed, real_replace = [], os.replace
+
+    def replace(src, dst):
+        if Path(dst).name.startswith("tokenized-") and str(dst).endswith(".json"):
+            files = json.loads(Path(src).read_text())["files"]
+            rows_when_indexed.append(sum(datasets.Dataset.from_file(str(cache / f)).num_rows for f in files))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(sft_data.os, "replace", replace)
+    assert len(prepare(data, tiny_tok, cache)) == 30
+    assert rows_when_indexed == [30]
 
 
 @pytest.mark.slow

@@ -112,7 +112,7 @@ def test_yaml_config_file_with_command_line_override(tmp_path, sft_cache, refere
 
 
 def one_line_error(args, cache) -> str:
-    p = run_cmd([sys.executable, "train_loop.py", *map(str, args)], cache, check=False)
+    p = train(args, cache, check=False)
     assert p.returncode != 0 and p.stderr.count("\n") == 1 and "usage" not in p.stderr, p.stderr
     return p.stderr.strip()
 
@@ -203,3 +203,10 @@ def test_plain_python_run_calls_loss_and_collator_in_this_process(tmp_path, sft_
     finally:
         AcceleratorState._reset_state(True)
     assert calls == {"loss": 4, "collate": 4}
+
+
+def test_flags_page_is_current():
+    """docs/flags.md is --help as a page; regenerate it with python -m sftloop.args > docs/flags.md."""
+    from sftloop import args
+
+    assert (REPO / "docs" / "flags.md").read_text() == args.flags_page()

@@ -11,11 +11,13 @@ import os
 import sys
 from pathlib import Path
 
+from sftloop.common import cache_root
+
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _default_root() -> Path:
-    return Path(os.environ.get("SFT_CACHE", Path.home() / ".cache" / "sft-loop"))
+    return cache_root()
 
 
 def build_smollm2(out_dir: str | os.PathLike) -> Path:

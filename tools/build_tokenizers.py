@@ -23,8 +23,9 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 import templates
+from sftloop import common
+from sftloop.common import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_TOKENIZER_DIR = REPO / "assets" / "tiny-qwen-tokenizer"
 
 QWEN_SPLIT_REGEX = (
@@ -149,7 +150,7 @@ def build_qwen25(out_dir: str | os.PathLike) -> Path:
 
 def qwen25_tokenizer_dir(cache_root: str | os.PathLike | None = None) -> Path:
     """Directory holding the real Qwen2.5 tokenizer, built on first use into a cache."""
-    root = Path(cache_root or os.environ.get("SFT_CACHE", Path.home() / ".cache" / "sft-loop"))
+    root = Path(cache_root) if cache_root else common.cache_root()
     src = _qwen_tiktoken_file()
     key = hashlib.sha256(src.read_bytes() + templates.QWEN25_CHAT_TEMPLATE.encode()).hexdigest()[:12]
     out = root / f"qwen2.5-tokenizer-{key}"
