@@ -107,7 +107,7 @@ def test_a_run_killed_while_saving_keeps_the_previous_checkpoint_and_resumes_exa
     assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # limit 2
 
     p = start([sys.executable, "train_loop.py", "--output_dir", cut, *quick(args)], sft_cache)
-    wait_for(lambda: (cut / ".tmp-checkpoint-4").exists(), p)  # the step-4 save has begun
+    wait_for(lambda: (cut / ".tmp-checkpoint-4").exists(), p, interval=0.001)  # the step-4 save has begun (ms)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert (cut / "checkpoint-2" / "checkpoint_complete").is_file()
@@ -464,7 +464,8 @@ def test_a_process_that_hangs_ends_the_run_at_ddp_timeout_naming_the_step_and_ph
     hang = tmp_path / "hang_on_save.py"
     hang.write_text(
         "import os, time\n"
-        "import checkpoints, runtime, train_loop\n"
+        "import train_loop\n"
+        "from sftloop import checkpoints, runtime\n"
         "real_save = checkpoints.save_checkpoint\n"
         "def save(accelerator, model, tokenizer, args, state):\n"
         "    if os.environ['RANK'] == '1' and state['global_step'] == 2:\n"
