@@ -10,10 +10,10 @@ from helpers import REPO, launch, metrics, train
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory, sft_cache):
-    """The default run (default data, model, recipe and held-out set) shortened from 2,532 to 1,000
+    """The default run (default data, model, recipe and held-out set) shortened from 2,532 to 500
     steps, evaluated before, midway and after."""
     out = tmp_path_factory.mktemp("short") / "out"
-    p = train(["--output_dir", out, "--max_steps", 1000, "--eval_steps", 500, "--max_eval_generations", 100,
+    p = train(["--output_dir", out, "--max_steps", 500, "--eval_steps", 250, "--max_eval_generations", 100,
                "--report_to", "tensorboard"], sft_cache)
     return out, p
 
@@ -21,7 +21,7 @@ def short_run(tmp_path_factory, sft_cache):
 def test_eval_metrics_before_during_and_after(short_run):
     out, _ = short_run
     evals = [m for m in metrics(out) if "eval_loss" in m]
-    assert [m["step"] for m in evals] == [0, 500, 1000]
+    assert [m["step"] for m in evals] == [0, 250, 500]
     for m in evals:
         assert m["eval_perplexity"] == pytest.approx(2.718281828 ** m["eval_loss"], rel=1e-6)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 4.0
@@ -30,30 +30,30 @@ def test_eval_metrics_before_during_and_after(short_run):
                 "step", "samples_seen"):
         assert all(key in m for m in train_rows), key
     assert all(0 < m["padding_efficiency"] <= 1 for m in train_rows)
-    assert train_rows[-1]["samples_seen"] == 1000 * 32
+    assert train_rows[-1]["samples_seen"] == 500 * 32
 
 
 def test_the_shortened_default_run_learns_to_answer_held_out_conversations(short_run):
     """Greedy replies to the last turn of the 100 held-out conversations, compared whole: the untrained
-    model gets none right; 1,000 steps get a clear share (the full default run gets >= 90%)."""
+    model gets none right; 500 steps get some, more than 250 did (the full default run gets >= 90%)."""
     out, _ = short_run
     em = [m["eval_exact_match"] for m in metrics(out) if "eval_loss" in m]
     assert em[0] <= 0.02
-    assert em[-1] >= 0.2 and em[-1] > em[1]
+    assert em[-1] >= 0.1 and em[-1] > em[1]
 
 
 def test_generations_are_printed_and_logged(short_run):
     out, p = short_run
     gens = [json.loads(line) for line in open(out / "generations.jsonl")]
-    assert sorted({g["step"] for g in gens}) == [0, 500, 1000] and len(gens) == 9
+    assert sorted({g["step"] for g in gens}) == [0, 250, 500] and len(gens) == 9
     assert all(g["prompt"].endswith("<|im_start|>assistant\n") for g in gens)
     # the untrained model rambles to the length bound; the trained one stops at <|im_end|>
-    first, last = [g for g in gens if g["step"] == 0], [g for g in gens if g["step"] == 1000]
+    first, last = [g for g in gens if g["step"] == 0], [g for g in gens if g["step"] == 500]
     assert sum(len(g["reply"]) for g in last) < sum(len(g["reply"]) for g in first)
     # printed as text: the last user turn whole (its second line indented), the reply, what was expected
     printed = p.stdout + p.stderr
     first = json.loads(open(REPO / "data" / "sample_belle_eval.jsonl").readline())["conversations"][-2]["value"]
-    assert f"[step 1000] user:  {first}".replace("\n", "\n           ") in printed
+    assert f"[step 500] user:  {first}".replace("\n", "\n           ") in printed
     assert "          reply: " in printed and "\\n" not in printed
 
 
