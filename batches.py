@@ -87,10 +87,14 @@ def epoch_rows(corpus, seed: int, epoch: int, global_batch_size: int, group_by_l
 
 
 def order_fingerprint(corpus, seed: int, epoch: int, global_batch_size: int, group_by_length: bool) -> str:
-    """A hash of an epoch's sample order: recorded in each checkpoint, so that a resume whose
-    order would differ (an edited epoch_order, other data, weights or flags) is refused, not silently run."""
+    """A hash of an epoch's sample order and of how the samples were rendered (the template, the
+    reasoning and turn flags, the labelling code): recorded in each checkpoint, so that a resume
+    whose samples would differ (an edited epoch_order, other data, weights or flags) is refused,
+    not silently run."""
     order = epoch_rows(corpus, seed, epoch, global_batch_size, group_by_length)
-    return hashlib.sha256(np.asarray(order, dtype=np.int64).tobytes()).hexdigest()[:16]
+    h = hashlib.sha256(np.asarray(order, dtype=np.int64).tobytes())
+    h.update(corpus.settings.encode())
+    return h.hexdigest()[:16]
 
 
 def collate_fn(data_args, pad_id: int, attn: str):

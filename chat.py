@@ -2,16 +2,22 @@
 
     python chat.py output/                       # greedy
     python chat.py output/ --temperature 0.7 --top_p 0.9 --max_new_tokens 256
+    python chat.py output/ --tools tools.json    # the model may call these functions
 
 Type a message and press Enter; the reply streams as it is generated and stops at the end-of-turn
 token. A line that ends with a backslash continues the message on the next line (for a task whose
 words go on a line of their own: "Reverse the words:\" Enter "stone paper sun" Enter). /reset starts
 a new conversation, /exit (or Ctrl-D) quits. Piped input works the same way, a message per line.
+
+With --tools (a JSON list of function schemas, as in the training data's `tools`), the template
+renders them, each tool call the model makes is shown as `call> name {arguments}`, and `/tool TEXT`
+answers with the function's result (a tool turn), after which the model goes on.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -28,7 +34,9 @@ def main(argv=None) -> None:
     ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     ap.add_argument("--top_p", type=float, default=1.0)
     ap.add_argument("--trust_remote_code", action="store_true")
+    ap.add_argument("--tools", default=None, help="a JSON file holding a list of function schemas the model may call")
     args = ap.parse_args(argv)
+    tools = read_tools(args.tools) if args.tools else None
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, logging
@@ -59,11 +67,30 @@ def main(argv=None) -> None:
             continue
         if not line.strip():
             continue
-        history.append({"role": "user", "content": line})
+        if line.startswith("/tool "):
+            if not history or not (history[-1].get("tool_calls") or history[-1]["role"] == "tool"):
+                print("(no tool call to answer)")
+                continue
+            history.append({"role": "tool", "content": line[len("/tool "):]})
+        else:
+            history.append({"role": "user", "content": line})
         print("model> ", end="", flush=True)
-        answer = generation.generate_reply(model, tokenizer, generation.prompt_ids(tokenizer, history), args.max_new_tokens,
-                                         temperature=args.temperature, top_p=args.top_p, streamer=streamer)
-        history.append({"role": "assistant", "content": answer})
+        answer = generation.generate_reply(model, tokenizer, generation.prompt_ids(tokenizer, history, tools),
+                                           args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                           streamer=streamer)
+        history.append(generation.parse_reply(answer))
+        for call in history[-1].get("tool_calls", []):
+            print(f"call> {call['function']['name']} {json.dumps(call['function']['arguments'], ensure_ascii=False)}")
+
+
+def read_tools(path: str) -> list:
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --tools {path}: {e}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise SystemExit(f"error: --tools {path}: expected a JSON list of function schemas (objects)")
+    return tools
 
 
 def read_message(interactive: bool) -> str | None:

@@ -204,6 +204,8 @@ def handle_nonfinite_step(result: StepResult, step: int, micro_batches, train_se
 
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, args = parse_args(argv)
+    if data_args.dump_samples:
+        return sft_data.dump_samples(model_args, data_args, args)
     # SIGTERM handling installed before any long work, restored on the way out.
     with runtime.sigterm_stops(), runtime.lost_peers_explained(args.output_dir, checkpoints.latest_checkpoint,
                                                                args.ddp_timeout):

@@ -109,10 +109,12 @@ def budget(_args) -> None:
 REPLAY = [str(REPO / "data" / "shout_replay.jsonl") + ":8.0"]  # 8 passes over it per epoch
 
 
-def train_run(out: Path, model_dir: Path, extra: list[str], steps: int) -> dict:
-    """One train_loop.py run in a child process: its metrics and the child's peak memory."""
+def train_run(out: Path, model_dir: Path, extra: list[str], steps: int, train_files: list[str] | None = None) -> dict:
+    """One train_loop.py run in a child process (the shout data unless train_files): its metrics and
+    the child's peak memory. A flag in extra wins over the same flag here (--template, say)."""
+    files = train_files or [str(REPO / "data" / "shout_train.jsonl"), *REPLAY]
     cmd = [sys.executable, str(REPO / "train_loop.py"), "--model_name_or_path", str(model_dir), "--template", "tokenizer",
-           "--train_files", str(REPO / "data" / "shout_train.jsonl"), *REPLAY, "--output_dir", str(out), "--max_steps", str(steps),
+           "--train_files", *files, "--output_dir", str(out), "--max_steps", str(steps),
            "--per_device_train_batch_size", "8", "--max_eval_generations", "0", "--plot", "false", *extra]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.time()

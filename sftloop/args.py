@@ -79,6 +79,15 @@ class DataArguments:
         "help": "several nodes whose cache directories are node-local disks: tokenize once on each node into "
                 "its own cache (without it, a cache the nodes do not share is an error)"})
     skip_invalid_samples: bool = field(default=False, metadata={"group": DATA, "help": "skip bad records instead of stopping"})
+    train_on_turns: Literal["all", "last"] = field(default="all", metadata={"group": DATA,
+        "help": "all: every assistant turn is trained once (a template that rewrites earlier turns, as Qwen3's, "
+                "makes one sample per user query); last: only the turns after the last user query (one sample)"})
+    reasoning: Literal["keep", "inline", "drop"] = field(default="keep", metadata={"group": DATA,
+        "help": "reasoning in the data (reasoning_content, or a reply opening with <think>): keep (rendered by the "
+                "template; an error for one with no place for it), inline (<think> text before the reply) or drop"})
+    dump_samples: str | None = field(default=None, metadata={"group": DATA,
+        "help": "write every training sample as the loop gets it (source, input_ids, labels) to this .jsonl file "
+                "and exit without training"})
     pad_to_multiple_of: int | None = field(default=None, metadata={"group": SPEED, "help": "pad batch width to a multiple (8 on GPUs)"})
     group_by_length: bool = field(default=False, metadata={"group": SPEED, 
         "help": "put samples of similar length in the same step (within a shuffled window), so padding nearly vanishes"})

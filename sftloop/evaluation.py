@@ -40,10 +40,11 @@ def case_from_row(input_ids: list[int], labels: list[int], tokenizer, end_of_tur
     return input_ids[:start], tokenizer.decode(input_ids[start:end])
 
 
-def cases_from_file(path: str, tokenizer) -> list[tuple[list[int], str | None]]:
+def cases_from_file(path: str, tokenizer, end_of_turn_id: int) -> list[tuple[list[int], str | None]]:
     """Prompts from a .txt file (one user message a line) or a JSON Lines file (.jsonl, or .json
     with a record a line, as Belle's) of records of any shape, whose last assistant turn, if there
-    is one, is the expected reply."""
+    is one, is the expected reply: the whole turn as the template renders it (reasoning, content,
+    tool calls), without its end-of-turn token. A record's tools are rendered in the prompt."""
     p = Path(path)
     if not p.is_file():
         raise SystemExit(f"error: --sample_prompts {path}: no such file")
@@ -55,21 +56,26 @@ def cases_from_file(path: str, tokenizer) -> list[tuple[list[int], str | None]]:
     except UnicodeDecodeError as e:
         raise SystemExit(f"error: --sample_prompts {path}: bytes that are not UTF-8 (byte offset {e.start})") from None
     if p.suffix == ".txt":
-        convs = [[{"role": "user", "content": x}] for x in lines if x.strip()]
+        convs = [templates.Conversation([{"role": "user", "content": x}]) for x in lines if x.strip()]
     else:
         convs = []
         for n, line in enumerate(lines, 1):
             if line.strip():
                 try:
-                    convs.append(templates.to_messages(json.loads(line)))
+                    convs.append(templates.to_conversation(json.loads(line)))
                 except ValueError as e:
                     raise SystemExit(f"error: {p}:{n}: {e}") from None
+    end = tokenizer.convert_ids_to_tokens(end_of_turn_id)
     cases = []
-    for msgs in convs:
-        expected = None
+    for conv in convs:
+        msgs, expected = conv.messages, None
         if msgs[-1]["role"] == "assistant":
-            msgs, expected = msgs[:-1], msgs[-1]["content"]
-        cases.append((prompt_ids(tokenizer, msgs), expected))
+            msgs = msgs[:-1]
+            prompt = tokenizer.apply_chat_template(msgs, tools=conv.tools, add_generation_prompt=True, tokenize=False)
+            full = tokenizer.apply_chat_template(conv.messages, tools=conv.tools, tokenize=False)
+            reply = full[len(prompt):] if full.startswith(prompt) else conv.messages[-1]["content"]
+            expected = reply.split(end)[0] if end else reply
+        cases.append((prompt_ids(tokenizer, msgs, conv.tools), expected))
     return cases
 
 
@@ -82,7 +88,7 @@ def held_out_cases(eval_sets: dict, tokenizer, args, end_of_turn_id: int):
             eval_cases[name] = [c for c in (case_from_row(i, lab, tokenizer, end_of_turn_id)
                                             for i, lab in zip(rows["input_ids"], rows["labels"])) if c is not None]
     if args.sample_prompts:
-        sample_cases = cases_from_file(args.sample_prompts, tokenizer)[: args.num_sample_prompts]
+        sample_cases = cases_from_file(args.sample_prompts, tokenizer, end_of_turn_id)[: args.num_sample_prompts]
     else:
         sample_cases = [c for cases in eval_cases.values() for c in cases][: args.num_sample_prompts]
     return eval_cases, sample_cases

@@ -3,11 +3,34 @@ torch here, so chat.py does not import the training stack (accelerate, DeepSpeed
 
 from __future__ import annotations
 
+import json
+import re
+
 import torch
 
 
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+def prompt_ids(tokenizer, messages: list[dict], tools: list | None = None) -> list[int]:
+    return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                         return_dict=False)
+
+
+TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+
+
+def parse_reply(reply: str) -> dict:
+    """A generated reply as an assistant message: the <tool_call> blocks (Qwen's and Hermes' form,
+    {"name", "arguments"} as JSON) become tool_calls, the rest is the content. A block that is not
+    such JSON stays in the content, as text."""
+    calls, bad = [], False
+    for body in TOOL_CALL.findall(reply):
+        try:
+            call = json.loads(body)
+            calls.append({"type": "function", "function": {"name": call["name"], "arguments": call.get("arguments", {})}})
+        except (json.JSONDecodeError, KeyError, TypeError):
+            bad = True
+    if bad or not calls:
+        return {"role": "assistant", "content": reply}
+    return {"role": "assistant", "content": TOOL_CALL.sub("", reply).strip(), "tool_calls": calls}
 
 
 @torch.no_grad()

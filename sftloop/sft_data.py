@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 import templates
+from sftloop import loading, logs, runtime
 from sftloop.common import cache_root
 from sftloop.sources import MAX_REPORTED, DataProblems, Source, report_problems, load_records, locate, read_mixture_file, resolve_all
 from templates import IGNORE_INDEX, DataError
@@ -32,13 +33,14 @@ log = logging.getLogger("sft")
 class Corpus:
     """The tokenized rows of every source, one after the other, and the plan drawn from them.
     Made whole by load_corpus (hold_out makes a new one), never changed afterwards."""
-    dataset: datasets.Dataset     # columns input_ids, labels, length, num_targets, truncated, error
+    dataset: datasets.Dataset     # columns input_ids, labels, length, num_targets, truncated, error, record, part
     sources: list[Source]
     rows: list[np.ndarray]        # per source: the usable rows (indices into dataset)
     counts: list[int]             # per source: samples drawn each epoch (plan_counts)
     origin_starts: np.ndarray     # first row of each origin (file or dataset), in row order
     source_starts: np.ndarray     # first row of each source, and the number of rows last
     lengths: np.ndarray           # tokens of every row (for --group_by_length)
+    settings: str = ""            # the hash of what decided the tokens but the data (the cache key's part)
 
     @property
     def names(self) -> list[str]:
@@ -65,41 +67,50 @@ def samples_for(weight: str | None, available: int) -> int:
 # Tokenizing, once per origin, cached on disk
 # ---------------------------------------------------------------------------------------------
 
-def _encode_batch(batch, tokenizer, template, max_len, system_prompt):
+def _encode_batch(batch, indices, tokenizer, template, max_len, system_prompt, reasoning, turns):
+    """Records to samples: each record gives one or more rows (templates.samples), or one row with
+    its error; "record" is the record's index in its origin (for file:line), "part" the sample's
+    index among its record's."""
     n = len(next(iter(batch.values())))
     fields = [k for k in batch if k not in ("_raw", "_read_error")]
     raws, read_errors = batch.get("_raw", [None] * n), batch.get("_read_error", [None] * n)
-    convs, errors = [], []
+    rendered, rows = [], []  # rows: (record, part, error) of each output row
     for i, (raw, read_error) in enumerate(zip(raws, read_errors)):
         try:
             if read_error:
                 raise DataError(read_error)
             record = json.loads(raw) if raw else {k: batch[k][i] for k in fields}
-            convs.append(templates.to_messages(record))
-            errors.append("")
+            made = templates.samples(templates.to_conversation(record), template, tokenizer, system_prompt,
+                                     reasoning, turns)
         except DataError as e:
-            convs.append(None)
-            errors.append(str(e))
-    ok = [c for c in convs if c is not None]
-    enc = templates.encode_many(ok, tokenizer, template, max_len, system_prompt) if ok else {}
+            rows.append((indices[i], 0, str(e)))
+            continue
+        rendered += made
+        rows += [(indices[i], part, "") for part in range(len(made))]
+    enc = templates.encode_rendered(rendered, tokenizer, max_len) if rendered else {}
     it = iter(zip(enc.get("input_ids", []), enc.get("labels", []), enc.get("truncated", [])))
-    out = {"input_ids": [], "labels": [], "length": [], "num_targets": [], "truncated": [], "error": errors}
-    for c in convs:
-        ids, labels, cut = next(it) if c is not None else ([], [], False)
+    out = {"input_ids": [], "labels": [], "length": [], "num_targets": [], "truncated": [], "error": [],
+           "record": [], "part": []}
+    for record, part, error in rows:
+        ids, labels, cut = next(it) if not error else ([], [], False)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["length"].append(len(ids))
         # position 0 is never predicted (nothing precedes it), so it is not a target
         out["num_targets"].append(int(np.count_nonzero(np.asarray(labels[1:]) != IGNORE_INDEX)) if labels else 0)
         out["truncated"].append(cut)
+        out["error"].append(error)
+        out["record"].append(record)
+        out["part"].append(part)
     return out
 
 
-def _settings_hash(tokenizer, template, max_len, system_prompt) -> str:
+def _settings_hash(tokenizer, template, max_len, system_prompt, reasoning, turns) -> str:
     """Everything but the data that decides the tokenized result (the tokenizer is serialised
     once per call: Qwen's is 11 MB)."""
     h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
-    h.update(json.dumps([template, max_len, system_prompt, templates.chat_template_for(template, tokenizer, system_prompt)]).encode())
+    h.update(json.dumps([template, max_len, system_prompt, reasoning, turns,
+                         templates.chat_template_for(template, tokenizer, system_prompt)]).encode())
     # A change to the labelling code invalidates the cache; other edits (reading, reporting, the
     # batch order in batches.py) do not re-tokenize.
     h.update(Path(templates.__file__).read_bytes())
@@ -134,7 +145,8 @@ def tokenized(origin, settings: str, cache_dir: Path, num_proc: int | None, enco
     label = origin.name if isinstance(origin, Path) else origin
     workers = num_proc if num_proc and num_proc > 1 and len(records) >= 2 * num_proc else None
     began = time.perf_counter()
-    out = records.map(encode, batched=True, batch_size=1000, num_proc=workers, remove_columns=records.column_names,
+    out = records.map(encode, batched=True, with_indices=True, batch_size=1000, num_proc=workers,
+                      remove_columns=records.column_names,
                       cache_file_name=str(cache_dir / f"tokenized-{key}.arrow"), load_from_cache_file=False,
                       desc=f"Tokenizing {label}")
     seconds = time.perf_counter() - began
@@ -161,14 +173,15 @@ def _column(dataset: datasets.Dataset, name: str, dtype=None) -> np.ndarray:
 
 def load_corpus(entries: list[dict], tokenizer, *, template: str, max_len: int, system_prompt: str | None,
                 cache_dir: Path, num_proc: int | None = None, skip_invalid: bool = False, truncation: str = "keep_start",
-                what: str = "train", flag: str = "--train_files") -> Corpus:
+                reasoning: str = "keep", turns: str = "all", what: str = "train", flag: str = "--train_files") -> Corpus:
     """Every source tokenized (or read from the cache), bad records reported (or skipped), and for
     each source the rows that may be drawn and how many are drawn per epoch."""
     sources = resolve_all(entries, flag)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    settings = _settings_hash(tokenizer, template, max_len, system_prompt)
-    encode = partial(_encode_batch, tokenizer=tokenizer, template=template, max_len=max_len, system_prompt=system_prompt)
+    settings = _settings_hash(tokenizer, template, max_len, system_prompt, reasoning, turns)
+    encode = partial(_encode_batch, tokenizer=tokenizer, template=template, max_len=max_len, system_prompt=system_prompt,
+                     reasoning=reasoning, turns=turns)
     parts, origins, origin_starts, source_starts, start = [], [], [], [], 0
     for s in sources:
         source_starts.append(start)
@@ -183,20 +196,30 @@ def load_corpus(entries: list[dict], tokenizer, *, template: str, max_len: int, 
     bad = np.flatnonzero(pc.not_equal(dataset.data.column("error"), "").to_numpy(zero_copy_only=False))
     if len(bad):
         errors = dataset.data.column("error").take(bad[:MAX_REPORTED]).to_pylist()
-        places = locate(origins, origin_starts, bad[:MAX_REPORTED])
+        places = _places(dataset, origins, origin_starts, bad[:MAX_REPORTED])
         problems = [f"{where}: {e}" for where, e in zip(places, errors)]
         if not skip_invalid:
             raise DataProblems(report_problems(problems, len(bad)) + "\n(pass --skip_invalid_samples to skip such records)")
         log.warning("Skipped %d invalid %s record(s) of %d (--skip_invalid_samples); the first: %s",
                     len(bad), what, len(dataset), problems[0])
+    truncated = _column(dataset, "truncated", bool)
     usable = _column(dataset, "num_targets") > 0
     usable[bad] = False
-    no_targets = int(np.count_nonzero(~usable)) - len(bad)
-    if no_targets:
-        log.warning("Dropped %d of %d %s sample(s) with no trainable token left after truncation to max_len=%d",
-                    no_targets, len(dataset), what, max_len)
-    truncated = _column(dataset, "truncated", bool)
-    long = truncated & usable
+    conversations = int(np.count_nonzero((_column(dataset, "part") == 0) & usable))
+    if int(usable.sum()) != conversations:
+        log.info("%d %s conversations became %d samples (--template %s renders earlier turns differently as a "
+                 "conversation grows, so each user query's turns are a sample of their own: every turn trained once, "
+                 "as generated)", conversations, what, int(usable.sum()), template)
+    cut_out = np.flatnonzero(~usable & truncated)  # every trained token beyond max_len (errors are never truncated)
+    if len(cut_out) and truncation != "drop":  # (with drop, every sample longer than max_len is left out below)
+        places = _places(dataset, origins, origin_starts, cut_out[:MAX_REPORTED])
+        problems = [f"{where}: longer than --max_len={max_len}, and every trained token lies beyond it" for where in places]
+        if not skip_invalid:
+            raise DataProblems(report_problems(problems, len(cut_out)) + "\n(raise --max_len, pass --truncation drop to "
+                               "leave out every sample longer than it, or --skip_invalid_samples to skip these)")
+        log.warning("Skipped %d %s sample(s) of %d whose every trained token lies beyond max_len=%d "
+                    "(--skip_invalid_samples); the first: %s", len(cut_out), what, len(dataset), max_len, problems[0])
+    long = truncated if truncation == "drop" else truncated & usable
     if long.any():
         counts = [int(np.count_nonzero(long[a:b])) for a, b in zip(source_starts[:-1], source_starts[1:])]
         detail = f" ({', '.join(f'{s.name}: {n}' for s, n in zip(sources, counts) if n)})" if len(sources) > 1 else ""
@@ -214,7 +237,8 @@ def load_corpus(entries: list[dict], tokenizer, *, template: str, max_len: int, 
             raise DataProblems(f"{flag} {s.spec}: no usable {what} sample in it (of {b - a} record(s): invalid, too "
                                f"long for --truncation drop, or no trainable token within max_len={max_len})")
     return Corpus(dataset=dataset, sources=sources, rows=rows, counts=plan_counts(sources, rows, flag),
-                  origin_starts=origin_starts, source_starts=source_starts, lengths=_column(dataset, "length", np.int32))
+                  origin_starts=origin_starts, source_starts=source_starts, lengths=_column(dataset, "length", np.int32),
+                  settings=settings)
 
 
 def plan_counts(sources: list[Source], rows: list[np.ndarray], flag: str = "--train_files") -> list[int]:
@@ -280,9 +304,32 @@ def summary(corpus: Corpus) -> str:
             f"{', '.join(map(str, sorted(files))) or 'memory'}; the plan holds {plan_mb:.1f} MB in this process")
 
 
+def _places(dataset: datasets.Dataset, origins: list, origin_starts: np.ndarray, rows) -> list[str]:
+    records = dataset.data.column("record").take(np.asarray(rows, dtype=np.int64)).to_pylist()
+    return locate(origins, origin_starts, rows, records)
+
+
 def describe(corpus: Corpus, sample_ids: list[int]) -> str:
     """Where these samples come from (file:line), for error messages."""
-    return ", ".join(locate(corpus.origins, corpus.origin_starts, sample_ids))
+    return ", ".join(_places(corpus.dataset, corpus.origins, corpus.origin_starts, sample_ids))
+
+
+def dump(corpus: Corpus, path: str) -> int:
+    """--dump_samples: every usable training sample (each once, in source order) as a JSON line
+    {"source": where its record is, "input_ids", "labels"}. Returns how many."""
+    rows = np.concatenate(corpus.rows)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for start in range(0, len(rows), 1000):
+            chunk = rows[start:start + 1000].tolist()
+            cols = corpus.dataset[chunk]
+            for where, ids, labels in zip(_places(corpus.dataset, corpus.origins, corpus.origin_starts, chunk),
+                                          cols["input_ids"], cols["labels"]):
+                f.write(json.dumps({"source": str(where), "input_ids": ids, "labels": labels}) + "\n")
+    os.replace(tmp, p)
+    return len(rows)
 
 
 def cache_dir_of(data_args) -> Path:
@@ -296,7 +343,7 @@ def load_splits(model_args, data_args, seed: int, tokenizer, accelerator, cache_
     load = partial(load_corpus, tokenizer=tokenizer, template=model_args.template, max_len=data_args.max_len,
                    system_prompt=model_args.system_prompt, cache_dir=cache_dir_of(data_args),
                    num_proc=data_args.preprocessing_num_workers, skip_invalid=data_args.skip_invalid_samples,
-                   truncation=data_args.truncation)
+                   truncation=data_args.truncation, reasoning=data_args.reasoning, turns=data_args.train_on_turns)
     with accelerator.main_process_first() if cache_shared else accelerator.local_main_process_first():
         try:
             train_entries, eval_entries = [{"spec": f} for f in data_args.train_files or []], []
@@ -313,3 +360,16 @@ def load_splits(model_args, data_args, seed: int, tokenizer, accelerator, cache_
         except DataProblems as e:
             raise SystemExit(f"error: {e}") from None
     return train, evals
+
+
+def dump_samples(model_args, data_args, args) -> None:
+    """--dump_samples: the training samples as the loop gets them (sources, mixture, cache,
+    truncation, one sample per query), written out; nothing trained, no output_dir."""
+    accelerator = runtime.make_accelerator(args)
+    logs.setup(accelerator, args)
+    tokenizer = loading.load_tokenizer(model_args)
+    train_set, _ = load_splits(model_args, data_args, args.seed, tokenizer, accelerator)
+    if accelerator.is_main_process:
+        n = dump(train_set, data_args.dump_samples)
+        log.info("%d training samples written to %s; nothing trained", n, data_args.dump_samples)
+    accelerator.end_training()

@@ -240,6 +240,8 @@ def load_file(path: Path, cache_dir: Path) -> datasets.Dataset:
         if kind == "json" and not _is_utf8(path):
             raise UnicodeError  # Arrow reads such bytes and fails later, when the text is used
         ds = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=str(cache_dir / "hf-datasets"))
+        if kind == "json" and _holds_free_form_objects(ds.features):
+            raise TypeError  # read each record as written instead
     except Exception as e:
         if kind != "json":
             first = first_line(e, 1000) if str(e) else ""
@@ -249,6 +251,25 @@ def load_file(path: Path, cache_dir: Path) -> datasets.Dataset:
     if len(ds) == 0:
         raise DataProblems(f"{path}: no records")
     return ds
+
+
+FREE_FORM = ("tools", "tool_calls", "arguments", "parameters")
+
+
+def _holds_free_form_objects(features) -> bool:
+    """Whether records hold free-form objects (tool schemas, call arguments) that Arrow stores as
+    columns: it gives objects of the same keys one key order, so a schema written with "name" after
+    "parameters" would come back reordered, and the template, which writes the object as JSON,
+    would render another text than the one the model sees at inference."""
+    def walk(f, name=""):
+        if isinstance(f, dict):
+            return any(k in FREE_FORM and not isinstance(v, datasets.Value) or walk(v, k) for k, v in f.items())
+        if isinstance(f, (list, tuple)):
+            return any(walk(v, name) for v in f)
+        if isinstance(f, (datasets.Sequence, datasets.LargeList)):  # datasets.List is a Sequence
+            return walk(f.feature, name)
+        return False
+    return walk(dict(features))
 
 
 def load_records(origin, cache_dir: Path) -> datasets.Dataset:
@@ -287,13 +308,14 @@ def _row_locations(path: Path) -> list[str]:
     return [f"{path}:{n}" for n, line in enumerate(lines, 1) if line.strip()]
 
 
-def locate(origins: list, origin_starts: np.ndarray, rows, cache: dict | None = None) -> list[str]:
-    """Global rows -> 'file:line' (JSONL), 'file: record i' (JSON, Parquet) or 'dataset: row i'."""
+def locate(origins: list, origin_starts: np.ndarray, rows, records, cache: dict | None = None) -> list[str]:
+    """Global rows, with the index of each one's record in its origin, -> 'file:line' (JSONL),
+    'file: record i' (JSON, Parquet) or 'dataset: row i'. (A record may make several rows.)"""
     cache = {} if cache is None else cache
     out = []
-    for row in rows:
+    for row, i in zip(rows, records):
         k = int(np.searchsorted(origin_starts, row, side="right")) - 1
-        origin, i = origins[k], int(row - origin_starts[k])
+        origin, i = origins[k], int(i)
         if isinstance(origin, Path) and origin.suffix.lower() == ".jsonl":
             if k not in cache:
                 cache[k] = _row_locations(origin)

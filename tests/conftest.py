@@ -55,3 +55,13 @@ def samples(qwen_tok):
               {"role": "user", "content": "again?"}, {"role": "assistant", "content": "yes " * (n % 5 + 1)}]
              for n in range(1, 40, 5)]
     return [templates.encode(c, qwen_tok) for c in convs]
+
+
+@pytest.fixture(scope="session")
+def qwen3_tok(qwen_tokenizer_dir):
+    """The real Qwen3 tokenizer (Qwen2.5's BPE, four more added tokens, Qwen3's template), built offline."""
+    from transformers import AutoTokenizer
+
+    from tools import build_tokenizers
+
+    return AutoTokenizer.from_pretrained(build_tokenizers.qwen3_tokenizer_dir())

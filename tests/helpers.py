@@ -199,3 +199,18 @@ def two_nodes(config, args, cache, check=True, **kw):
         for rank, (code, text) in enumerate(results):
             assert code == 0, f"node {rank} exited {code}\n{text[-6000:]}"
     return results
+
+
+def trained_text(tok, enc):
+    """Decode each run of consecutive trained tokens separately (labels -100 are untrained)."""
+    runs, cur = [], []
+    for i, lab in zip(enc["input_ids"], enc["labels"]):
+        if lab != -100:
+            assert lab == i
+            cur.append(i)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    if cur:
+        runs.append(tok.decode(cur))
+    return runs

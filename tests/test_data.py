@@ -46,22 +46,29 @@ def test_second_run_reads_the_cache_instead_of_tokenizing(tmp_path, qwen_tok, mo
     f = write_jsonl(tmp_path / "d.jsonl", [BELLE, OPENAI] * 5)
     first = prepare([f], qwen_tok, tmp_path / "cache")
     calls = []
-    real = templates.encode_many
-    monkeypatch.setattr(templates, "encode_many", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = templates.encode_rendered
+    monkeypatch.setattr(templates, "encode_rendered", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = prepare([f], qwen_tok, tmp_path / "cache")
     assert calls == [] and again == first
     prepare([f], qwen_tok, tmp_path / "cache", max_len=1000)  # other settings: tokenized anew
     assert calls
 
 
-def test_samples_without_trainable_tokens_after_truncation_are_dropped_and_reported(tmp_path, qwen_tok, caplog):
+def test_a_sample_whose_every_trained_token_is_cut_by_max_len_is_named_or_skipped(tmp_path, qwen_tok, caplog):
     long_prompt = {"conversations": [{"from": "human", "value": "word " * 200}, {"from": "assistant", "value": "ok"}]}
     f = write_jsonl(tmp_path / "t.jsonl", [BELLE, long_prompt, OPENAI])
+    with pytest.raises(sources.DataProblems, match=r"1 problem\(s\) in the data:\n  .*t\.jsonl:2: longer than "
+                                                   r"--max_len=64, and every trained token lies beyond it"):
+        prepare([f], qwen_tok, tmp_path / "cache", max_len=64)
     with caplog.at_level("WARNING", logger="sft"):
-        ds = prepare([f], qwen_tok, tmp_path / "cache", max_len=64)
+        ds = prepare([f], qwen_tok, tmp_path / "cache", max_len=64, skip_invalid=True)
     assert [row["sample_id"] for row in ds] == [0, 2]
     assert all(len(row["input_ids"]) <= 64 for row in ds)
-    assert "Dropped 1 of 3 train sample(s) with no trainable token left after truncation to max_len=64" in caplog.text
+    assert "Skipped 1 train sample(s) of 3 whose every trained token lies beyond max_len=64" in caplog.text
+    with caplog.at_level("WARNING", logger="sft"):  # --truncation drop leaves it out with the other long ones
+        ds = prepare([f], qwen_tok, tmp_path / "cache", max_len=64, truncation="drop")
+    assert [row["sample_id"] for row in ds] == [0, 2]
+    assert "Dropped 1 train sample(s) longer than max_len=64 (--truncation drop)" in caplog.text
 
 
 @pytest.mark.parametrize("content, match", [

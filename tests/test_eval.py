@@ -90,6 +90,16 @@ def test_chat_streams_replies_with_the_training_template_and_stops(short_run):
     expected = generation.generate_reply(model, tok, generation.prompt_ids(tok, msgs), 24)
     assert replies[0].strip() == expected.strip()
     assert "<|im_end|>" not in p.stdout
+    # --tools: a tool result without a call to answer is refused; a bad tools file is a clear error
+    tools = out.parent / "tools.json"
+    tools.write_text(json.dumps([{"type": "function", "function": {"name": "add", "parameters": {}}}]))
+    p = subprocess.run([sys.executable, "chat.py", str(out), "--tools", str(tools), "--max_new_tokens", "4"], cwd=REPO,
+                       capture_output=True, text=True, input="/tool 5\nhi\n/exit\n", timeout=120)
+    assert p.returncode == 0 and "(no tool call to answer)" in p.stdout and p.stdout.count("model> ") == 1, p.stderr
+    tools.write_text('{"name": "add"}')
+    p = subprocess.run([sys.executable, "chat.py", str(out), "--tools", str(tools)], cwd=REPO, capture_output=True,
+                       text=True, input="/exit\n", timeout=120)
+    assert p.returncode == 1 and f"error: --tools {tools}: expected a JSON list of function schemas" in p.stderr
 
 
 def test_sample_prompts_file_and_validation_split(tmp_path, sft_cache):

