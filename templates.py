@@ -541,7 +541,7 @@ def abilities(template: str, tokenizer) -> tuple[bool, bool]:
 _ABILITIES: dict = {}  # (template, tokenizer, its chat template) -> abilities, end of turn: found once
 
 
-def _prepared(conv: Conversation, template: str, tokenizer, system_prompt, reasoning: str) -> Conversation:
+def prepared(conv: Conversation, template: str, tokenizer, system_prompt, reasoning: str) -> Conversation:
     """The conversation as the template gets it: the system prompt given, the reasoning kept,
     inlined or dropped (--reasoning), tool data refused by a template with no place for it."""
     messages = with_system_prompt(conv.messages, system_prompt)
@@ -585,7 +585,7 @@ def samples(conv: Conversation | list, template: str = "qwen2.5", tokenizer=None
     turns="last" trains only the assistant turns after the last user query (one sample)."""
     conv = conv if isinstance(conv, Conversation) else Conversation(conv)
     t = _template(template)
-    conv = _prepared(conv, template, tokenizer, system_prompt, reasoning)
+    conv = prepared(conv, template, tokenizer, system_prompt, reasoning)
     messages, tools = conv.messages, conv.tools
     queries = [i for i, m in enumerate(messages) if m["role"] == "user"]
     todo = [i for i, m in enumerate(messages) if m["role"] == "assistant" and (turns == "all" or i > queries[-1])]

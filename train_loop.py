@@ -29,7 +29,7 @@ from accelerate.utils import set_seed
 
 import batches
 from collate import collate
-from sftloop import adapters, checkpoints, evaluation, lm_logits, loading, logs, plot_metrics, runtime, sft_data, storage
+from sftloop import adapters, checkpoints, evaluation, lm_logits, loading, logs, plot_metrics, preflight, runtime, sft_data, storage
 from sftloop.args import parse_args
 
 log = logging.getLogger("sft")
@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     with runtime.sigterm_stops(), runtime.lost_peers_explained(args.output_dir, checkpoints.latest_checkpoint,
                                                                args.ddp_timeout):
         try:
+            if args.check:  # the set-up and first batches of this run, reported on; nothing trained
+                return preflight.check(model_args, data_args, args, setup, train_step)
             train(model_args, data_args, args)
         except runtime.Stopped:
             log.warning("SIGTERM before training began: stopped; nothing was trained, so nothing is saved")
@@ -275,6 +277,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     loss_fn: object
     evaluate: object  # evaluate(step=N): eval loss, exact match, sample replies; None if SIGTERM cut it short
+    eval_cases: dict  # {validation set: [(prompt ids, expected reply)]} for exact match
+    sample_cases: list  # the prompts whose replies are printed at each evaluation
     evaluating: bool
     checkpoint_state: object  # checkpoint_state(step): what trainer_state.json records
     global_batch: int
@@ -349,6 +353,7 @@ def setup(model_args, data_args, args) -> Run:
     run = Run(accelerator, tokenizer, train_set, eval_sets, model, optimizer, loss_fn,
               evaluate=partial(evaluation.run_evaluation, model, tokenizer, eval_sets, eval_cases, sample_cases,
                                batch_loss=loss_fn, args=args, data_args=data_args, accelerator=accelerator),
+              eval_cases=eval_cases, sample_cases=sample_cases,
               evaluating=bool(eval_sets) or bool(sample_cases), checkpoint_state=checkpoint_state,
               global_batch=global_batch, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
               eval_every=eval_every, pad_id=pad_id, attn_implementation=hf_model.config._attn_implementation or "eager",

@@ -1,6 +1,7 @@
 """The infrastructure beneath train_loop.py, one job a module. What a researcher edits stays at the top
 level (train_loop.py, batches.py, collate.py, templates.py, chat.py); nothing here imports those
-files except the leaf modules templates.py and collate.py.
+files except the leaf modules templates.py and collate.py (and preflight, which measures the run's
+own batches from batches.py).
 
     args          the flags: dataclasses parsed by HfArgumentParser, YAML/JSON run files
     runtime       the accelerator (DDP, DeepSpeed, FSDP2), cross-process sums, SIGTERM, lost peers
@@ -15,4 +16,5 @@ files except the leaf modules templates.py and collate.py.
     checkpoints   the one writer of model directories; checkpoints, resume, the output directory
     logs          metrics.jsonl, trackers, progress lines, MFU
     plot_metrics  the loss and evaluation curves of a run (python -m sftloop.plot_metrics RUN_DIR)
+    preflight     --check: the run's set-up and first steps measured, findings before a long run
 """

@@ -21,7 +21,8 @@ SAMPLE_EVAL = REPO / "data" / "sample_belle_eval.jsonl"
 # --help shows each flag under its field's "group", the headings in this order.
 MODEL, LORA, DATA, TRAINING = "model", "LoRA and QLoRA (peft)", "data", "training"
 EVALUATION, OUTPUT, SPEED, NODES = "evaluation", "checkpoints and output", "speed and memory", "several processes and nodes"
-HEADINGS = (MODEL, LORA, DATA, TRAINING, EVALUATION, OUTPUT, SPEED, NODES)
+CHECK = "the pre-flight check (docs/check.md)"
+HEADINGS = (MODEL, LORA, DATA, TRAINING, EVALUATION, OUTPUT, SPEED, NODES, CHECK)
 
 
 @dataclass
@@ -164,6 +165,18 @@ class TrainArguments:
         "help": "append the ids (row numbers in the training files) of each step's samples to output_dir/sample_ids.jsonl"})
     ddp_timeout: int = field(default=1800, metadata={"group": NODES, 
         "help": "seconds a collective waits for the other processes before the run stops (a node died or hangs)"})
+    check: bool = field(default=False, metadata={"group": CHECK,
+        "help": "run the set-up and the first batches of this run without training it, and report (fatal first) what it "
+                "trains, whether it fits in memory and on disk, how long it takes; writes output_dir/check.json"})
+    check_samples: int = field(default=2, metadata={"group": CHECK,
+        "help": "training samples shown with their trained tokens marked"})
+    check_steps: int = field(default=3, metadata={"group": CHECK, "help": "steps timed for the estimate of the run's time"})
+    check_device_memory_gb: float | None = field(default=None, metadata={"group": CHECK,
+        "help": "the memory to fit in (default: the GPU's, or this machine's RAM)"})
+    check_free_disk_gb: float | None = field(default=None, metadata={"group": CHECK,
+        "help": "the free space for checkpoints and the model (default: measured where output_dir is)"})
+    check_max_cut_share: float = field(default=0.05, metadata={"group": CHECK,
+        "help": "fatal when more than this share of samples loses its end of turn (or every trained token) to --max_len"})
 
 
 def config_file_args(path: str) -> list[str]:
@@ -283,7 +296,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     for name, value in [("per_device_train_batch_size", args.per_device_train_batch_size),
                         ("per_device_eval_batch_size", args.per_device_eval_batch_size),
                         ("gradient_accumulation_steps", args.gradient_accumulation_steps), ("max_len", data_args.max_len),
-                        ("ce_chunk_mb", args.ce_chunk_mb), ("ce_chunk_size", args.ce_chunk_size or 1)]:
+                        ("ce_chunk_mb", args.ce_chunk_mb), ("ce_chunk_size", args.ce_chunk_size or 1),
+                        ("check_steps", args.check_steps)]:
         if value < 1:
             parser.error(f"--{name} must be at least 1")
     if data_args.dataset_mixture and data_args.train_files:

@@ -21,8 +21,9 @@ from sftloop.common import first_line
 
 log = logging.getLogger("sft")
 
-def prepare_output_dir(args, accelerator: Accelerator) -> str | None:
-    """The checkpoint to resume from, if any; refuses to write into a used directory otherwise."""
+def resume_target(args) -> Path | None:
+    """The checkpoint the run would resume from, if any; a SystemExit with the reason where the run
+    would refuse its output directory. Reads only (the pre-flight check asks it too)."""
     out = Path(args.output_dir)
     resume = args.resume_from_checkpoint
     if resume is not None and resume.lower() in ("false", "none", ""):
@@ -33,10 +34,19 @@ def prepare_output_dir(args, accelerator: Accelerator) -> str | None:
             raise SystemExit(f"error: --resume_from_checkpoint true, but {out} holds no complete checkpoint")
     elif resume is not None and not (Path(resume) / COMPLETE).is_file():
         raise SystemExit(f"error: {resume} is not a complete checkpoint (no {COMPLETE} marker)")
-    if resume is None and out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
+    # a check's report alone does not make a directory used
+    used = out.exists() and any(f.name != CHECK_REPORT for f in out.iterdir())
+    if resume is None and used and not args.overwrite_output_dir:
         hint = ("pass --resume_from_checkpoint true to continue it" if latest_checkpoint(out)
                 else "choose another --output_dir")
         raise SystemExit(f"error: output directory {out} is not empty; {hint}, or --overwrite_output_dir to start over")
+    return None if resume is None else Path(resume)
+
+
+def prepare_output_dir(args, accelerator: Accelerator) -> str | None:
+    """The checkpoint to resume from, if any; refuses to write into a used directory otherwise."""
+    out = Path(args.output_dir)
+    resume = resume_target(args)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         try:
@@ -52,6 +62,7 @@ def prepare_output_dir(args, accelerator: Accelerator) -> str | None:
 
 
 COMPLETE = "checkpoint_complete"  # written last: a checkpoint without it is never resumed from
+CHECK_REPORT = "check.json"  # what --check writes into output_dir
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
@@ -217,6 +228,14 @@ def resume(accelerator: Accelerator, resume_dir: str, global_batch: int, seed: i
            use_peft: bool = False) -> dict:
     """Load weights, optimizer and RNG state from a complete checkpoint; its trainer_state.json.
     data_order(epoch) is the fingerprint of that epoch's sample order as the data and code now give it."""
+    state = resumable(resume_dir, global_batch, seed, data_order, use_peft, runtime.engine(accelerator))
+    accelerator.load_state(str(Path(resume_dir) / "training_state"))
+    return state
+
+
+def resumable(resume_dir, global_batch: int, seed: int, data_order, use_peft: bool, now_engine: str) -> dict:
+    """The checkpoint's trainer_state.json if this run can continue it, else a SystemExit saying why
+    (reads only: the pre-flight check asks it too)."""
     ckpt = Path(resume_dir)
     check_state_is_plain_data(ckpt / "training_state")  # on every rank: no rank waits on a failed one
     state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -233,14 +252,13 @@ def resume(accelerator: Accelerator, resume_dir: str, global_batch: int, seed: i
                          f"now {now}): the data, --group_by_length or the batch order code (batches.py) "
                          "changed, so resuming would not continue the same data. Restore them, or start a new run "
                          f"from its weights: --model_name_or_path {ckpt}")
-    saved_by, now_engine = engine_of(ckpt / "training_state"), runtime.engine(accelerator)
+    saved_by = engine_of(ckpt / "training_state")
     if saved_by != now_engine:
         raise SystemExit(f"error: {ckpt} holds training state written under {runtime.ENGINES[saved_by]}, which "
                          f"{runtime.ENGINES[now_engine]} cannot load. Resume it with the accelerate config it was trained with, "
                          "or start a new run "
                          f"from its weights (its model.safetensors): --model_name_or_path {ckpt} (the optimizer "
                          "state starts afresh)")
-    accelerator.load_state(str(ckpt / "training_state"))
     return state
 
 

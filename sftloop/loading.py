@@ -14,8 +14,12 @@ from sftloop.common import REPO, first_line
 log = logging.getLogger("sft")
 
 
+def tokenizer_path(model_args) -> str:
+    return model_args.tokenizer_name_or_path or model_args.model_name_or_path or str(REPO / "assets" / "tiny-qwen-tokenizer")
+
+
 def load_tokenizer(model_args):
-    path = model_args.tokenizer_name_or_path or model_args.model_name_or_path or str(REPO / "assets" / "tiny-qwen-tokenizer")
+    path = tokenizer_path(model_args)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

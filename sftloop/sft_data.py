@@ -41,6 +41,7 @@ class Corpus:
     source_starts: np.ndarray     # first row of each source, and the number of rows last
     lengths: np.ndarray           # tokens of every row (for --group_by_length)
     settings: str = ""            # the hash of what decided the tokens but the data (the cache key's part)
+    tokenized_now: tuple = ()     # (origin, records, seconds) of each origin tokenized by this load (not cached)
 
     @property
     def names(self) -> list[str]:
@@ -123,8 +124,9 @@ def _file_key(path: Path, settings: str) -> str:
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{settings}".encode()).hexdigest()[:16]
 
 
-def tokenized(origin, settings: str, cache_dir: Path, num_proc: int | None, encode) -> datasets.Dataset:
-    """The tokenized rows of one origin, from the cache when there.
+def tokenized(origin, settings: str, cache_dir: Path, num_proc: int | None, encode) -> tuple[datasets.Dataset, float | None]:
+    """The tokenized rows of one origin, from the cache when there, and the seconds tokenizing took
+    (None: read from the cache).
 
     An index file names the Arrow files of a finished tokenization (one per worker), so a warm start
     memory-maps them without reading the source, and a run with another worker count still finds them."""
@@ -139,7 +141,7 @@ def tokenized(origin, settings: str, cache_dir: Path, num_proc: int | None, enco
         files = json.loads(index.read_text())["files"]
         if all((cache_dir / f).is_file() for f in files):
             parts = [datasets.Dataset.from_file(str(cache_dir / f)) for f in files]
-            return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+            return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), None
     if records is None:
         records = load_records(origin, cache_dir)
     label = origin.name if isinstance(origin, Path) else origin
@@ -157,7 +159,7 @@ def tokenized(origin, settings: str, cache_dir: Path, num_proc: int | None, enco
     tmp.write_text(json.dumps({"files": files, "origin": str(origin), "rows": len(out), "seconds": round(seconds, 2),
                                "process": int(os.environ.get("RANK", "0"))}))
     os.replace(tmp, index)  # the index appears only once every Arrow file is complete
-    return out
+    return out, seconds
 
 
 def _column(dataset: datasets.Dataset, name: str, dtype=None) -> np.ndarray:
@@ -182,11 +184,14 @@ def load_corpus(entries: list[dict], tokenizer, *, template: str, max_len: int, 
     settings = _settings_hash(tokenizer, template, max_len, system_prompt, reasoning, turns)
     encode = partial(_encode_batch, tokenizer=tokenizer, template=template, max_len=max_len, system_prompt=system_prompt,
                      reasoning=reasoning, turns=turns)
-    parts, origins, origin_starts, source_starts, start = [], [], [], [], 0
+    parts, origins, origin_starts, source_starts, start, fresh = [], [], [], [], 0, []
     for s in sources:
         source_starts.append(start)
         for o in s.origins:
-            parts.append(tokenized(o, settings, cache_dir, num_proc, encode))
+            part, seconds = tokenized(o, settings, cache_dir, num_proc, encode)
+            parts.append(part)
+            if seconds is not None:
+                fresh.append((str(o), len(part), seconds))
             origins.append(o)
             origin_starts.append(start)
             start += len(parts[-1])
@@ -238,7 +243,7 @@ def load_corpus(entries: list[dict], tokenizer, *, template: str, max_len: int, 
                                f"long for --truncation drop, or no trainable token within max_len={max_len})")
     return Corpus(dataset=dataset, sources=sources, rows=rows, counts=plan_counts(sources, rows, flag),
                   origin_starts=origin_starts, source_starts=source_starts, lengths=_column(dataset, "length", np.int32),
-                  settings=settings)
+                  settings=settings, tokenized_now=tuple(fresh))
 
 
 def plan_counts(sources: list[Source], rows: list[np.ndarray], flag: str = "--train_files") -> list[int]:
@@ -312,6 +317,18 @@ def _places(dataset: datasets.Dataset, origins: list, origin_starts: np.ndarray,
 def describe(corpus: Corpus, sample_ids: list[int]) -> str:
     """Where these samples come from (file:line), for error messages."""
     return ", ".join(_places(corpus.dataset, corpus.origins, corpus.origin_starts, sample_ids))
+
+
+def records_at(corpus: Corpus, rows: list[int], cache_dir: Path) -> list[dict]:
+    """The records (as read from their files) the samples at these rows were made from."""
+    origins, out = corpus.origins, []
+    numbers = corpus.dataset.data.column("record").take(np.asarray(rows, dtype=np.int64)).to_pylist()
+    for row, number in zip(rows, numbers):
+        records = load_records(origins[int(np.searchsorted(corpus.origin_starts, row, side="right")) - 1], cache_dir)
+        record = records[int(number)]
+        out.append(json.loads(record["_raw"]) if record.get("_raw") else
+                   {k: v for k, v in record.items() if k not in ("_raw", "_read_error")})
+    return out
 
 
 def dump(corpus: Corpus, path: str) -> int:

@@ -1,8 +1,10 @@
 """What a user sees of a run: eval loss and perplexity, generations, exact match, trackers, the plot, chat."""
 
 import json
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -13,13 +15,16 @@ def short_run(tmp_path_factory, sft_cache):
     """The default run (default data, model, recipe and held-out set) shortened from 2,532 to 500
     steps, evaluated before, midway and after."""
     out = tmp_path_factory.mktemp("short") / "out"
-    p = train(["--output_dir", out, "--max_steps", 500, "--eval_steps", 250, "--max_eval_generations", 100,
-               "--report_to", "tensorboard"], sft_cache)
-    return out, p
+    began = time.perf_counter()
+    p = train(["--output_dir", out, *SHORT], sft_cache)
+    return out, p, time.perf_counter() - began
+
+
+SHORT = ["--max_steps", 500, "--eval_steps", 250, "--max_eval_generations", 100, "--report_to", "tensorboard"]
 
 
 def test_eval_metrics_before_during_and_after(short_run):
-    out, _ = short_run
+    out, *_ = short_run
     evals = [m for m in metrics(out) if "eval_loss" in m]
     assert [m["step"] for m in evals] == [0, 250, 500]
     for m in evals:
@@ -33,17 +38,28 @@ def test_eval_metrics_before_during_and_after(short_run):
     assert train_rows[-1]["samples_seen"] == 500 * 32
 
 
+def test_the_checks_estimate_of_the_run_is_within_a_factor_of_its_time(short_run, tmp_path, sft_cache):
+    """--check on the same flags estimates the run's time (docs/check.md states the factor measured on
+    the full default run); a tokenization the run did counts apart, as the check does."""
+    _, p, took = short_run
+    took -= sum(float(s) for s in re.findall(r"tokenized \S+: \d+ records in ([\d.]+) s", p.stderr))
+    train(["--output_dir", tmp_path / "c", "--check", *SHORT], sft_cache)
+    eta = json.loads((tmp_path / "c" / "check.json").read_text())["numbers"]["eta_seconds"]
+    print(f"estimated {eta:.0f} s, took {took:.0f} s")
+    assert took / 2 <= eta <= took * 2
+
+
 def test_the_shortened_default_run_learns_to_answer_held_out_conversations(short_run):
     """Greedy replies to the last turn of the 100 held-out conversations, compared whole: the untrained
     model gets none right; 500 steps get some, more than 250 did (the full default run gets >= 90%)."""
-    out, _ = short_run
+    out, *_ = short_run
     em = [m["eval_exact_match"] for m in metrics(out) if "eval_loss" in m]
     assert em[0] <= 0.02
     assert em[-1] >= 0.1 and em[-1] > em[1]
 
 
 def test_generations_are_printed_and_logged(short_run):
-    out, p = short_run
+    out, p, _ = short_run
     gens = [json.loads(line) for line in open(out / "generations.jsonl")]
     assert sorted({g["step"] for g in gens}) == [0, 250, 500] and len(gens) == 9
     assert all(g["prompt"].endswith("<|im_start|>assistant\n") for g in gens)
@@ -58,7 +74,7 @@ def test_generations_are_printed_and_logged(short_run):
 
 
 def test_tensorboard_events_and_the_plot(short_run):
-    out, _ = short_run
+    out, *_ = short_run
     assert list((out / "runs").rglob("events.out.tfevents.*"))
     png = out / "metrics.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -72,7 +88,7 @@ def test_tensorboard_events_and_the_plot(short_run):
 
 
 def test_chat_streams_replies_with_the_training_template_and_stops(short_run):
-    out, _ = short_run
+    out, *_ = short_run
     # a trailing backslash continues the message on the next line, as the sample tasks need
     p = subprocess.run([sys.executable, "chat.py", str(out), "--max_new_tokens", "24"], cwd=REPO, capture_output=True,
                        text=True, input="Repeat after me:\\\nsun moon\nSay that again.\n/exit\n", timeout=120)

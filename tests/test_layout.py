@@ -52,9 +52,10 @@ def test_no_import_circle():
 
     for m in graph:
         visit(m, [])
-    # the package's modules never import the researcher's files, except the leaves they build on
+    # the package's modules never import the researcher's files, except the leaves they build on (and
+    # the pre-flight check, which measures the run's own batches from batches.py, as the loop takes them)
     for m, deps in graph.items():
-        if m.startswith("sftloop."):
+        if m.startswith("sftloop.") and m != "sftloop.preflight":
             assert deps & {"train_loop", "batches", "chat"} == set(), (m, deps)
 
 
