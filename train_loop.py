@@ -126,28 +126,39 @@ def learning_rate_at(step: int, total_steps: int, args) -> float:
 
 @dataclass
 class StepResult:
-    """What one optimizer step gives the loop: this process's loss sum and per-token losses, the
-    step's target tokens over all processes, the gradient norm; `skipped` says why a step was not
-    applied (a non-finite loss or gradient norm), else None."""
-    loss_sum: torch.Tensor
+    """What one optimizer step gives the loop: its numbers summed over processes (step_sums' and
+    "stop", whether any process got SIGTERM), this process's per-token losses, the step's target
+    tokens and gradient norm; `skipped` says why a step was not applied (a non-finite loss or
+    gradient norm), else None."""
+    sums: dict
     token_losses: list[torch.Tensor]
     target_tokens: float
     grad_norm: float = float("nan")
     skipped: str | None = None
 
 
-def train_step(model, optimizer, micro_batches: list[dict], accelerator, args, loss_fn) -> StepResult:
+def train_step(model, optimizer, micro_batches: list[dict], accelerator, args, loss_fn, num_sources: int = 1) -> StepResult:
     """One optimizer step over this process's micro-batches; the weights are left as they were when a
     loss or the gradient norm is not finite (under DeepSpeed, which updates inside backward, a
-    non-finite gradient norm is found only after the update: the loop then stops without saving)."""
+    non-finite gradient norm is found only after the update: the loop then stops without saving).
+    The step waits for the host once, at its end (twice under DeepSpeed)."""
     world, accumulation = accelerator.num_processes, args.gradient_accumulation_steps
     # Normalise by the target tokens of the whole optimizer step, over all micro-batches and
     # processes, so the gradient is that of one big batch however it is split. accelerate (or
     # DeepSpeed) divides by the accumulation steps and DDP/DeepSpeed average over processes;
-    # multiplying by both undoes that.
-    targets = runtime.reduce_sums(accelerator, {"t": sum(lm_logits.num_targets(b["labels"]) for b in micro_batches)})["t"]
-    scale = world * accumulation / max(1.0, targets)
+    # multiplying by both undoes that. Counted and summed on the device: no wait for the host.
+    targets = sum(lm_logits.num_targets(b["labels"]) for b in micro_batches).double()
+    scale = (world * accumulation / accelerator.reduce(targets.clone(), "sum").clamp(min=1)).float()
     loss_sum, token_losses = torch.zeros((), device=accelerator.device), []
+
+    def agreed(grad_norm) -> dict:
+        """The step's numbers summed over processes, with whether any process saw a non-finite loss
+        and whether any got SIGTERM: the one wait for the host."""
+        return runtime.reduce_sums(accelerator, {
+            **step_sums(loss_sum, micro_batches), "target_tokens": targets, "stop": float(runtime.stop_requested_here()),
+            "nonfinite_loss": (~torch.isfinite(loss_sum)).double(), "grad_norm": grad_norm / world,  # the same on all
+            **({"by_source": logs.source_sums(token_losses, micro_batches, num_sources)} if num_sources > 1 else {})})
+
     for i, batch in enumerate(micro_batches):
         # accumulate(): DDP skips the gradient all-reduce, and DeepSpeed is told this is not a step
         # boundary, on all but the last micro-batch.
@@ -156,33 +167,37 @@ def train_step(model, optimizer, micro_batches: list[dict], accelerator, args, l
             micro_loss = losses.sum()
             loss_sum += micro_loss.detach()
             token_losses.append(losses.detach())
-            if i == len(micro_batches) - 1:
-                # All processes decide together, before the last backward (inside which DeepSpeed
-                # updates the weights), whether any of them saw a non-finite loss.
-                if runtime.reduce_sums(accelerator, {"bad": float(not torch.isfinite(loss_sum))})["bad"] > 0:
+            if i == len(micro_batches) - 1 and runtime.is_deepspeed(accelerator):
+                # DeepSpeed updates the weights inside the last backward: all processes decide before
+                # it whether any of them saw a non-finite loss.
+                sums = agreed(torch.full((), float("nan"), device=accelerator.device))
+                if sums.pop("nonfinite_loss") > 0:
                     optimizer.zero_grad(set_to_none=True)
-                    return StepResult(loss_sum, [], targets, skipped="loss")
+                    return StepResult(sums, [], sums.pop("target_tokens"), sums.pop("grad_norm"), skipped="loss")
             accelerator.backward(micro_loss * scale)
     # DeepSpeed clipped inside its step (gradient_clipping); elsewhere this clips, before the step.
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-    if not math.isfinite(grad_norm) and not runtime.is_deepspeed(accelerator):
+    norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+    norm = torch.as_tensor(float("nan") if norm is None else norm).to(accelerator.device, torch.float64)
+    sums = agreed(norm)
+    bad_loss, target_tokens, grad_norm = sums.pop("nonfinite_loss") > 0, sums.pop("target_tokens"), sums.pop("grad_norm")
+    skipped = "loss" if bad_loss else None if math.isfinite(grad_norm) else "gradient norm"
+    if skipped and not runtime.is_deepspeed(accelerator):
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss_sum, [], targets, grad_norm, skipped="gradient norm")
+        return StepResult(sums, [], target_tokens, grad_norm, skipped)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if not math.isfinite(grad_norm):  # DeepSpeed: already applied
-        return StepResult(loss_sum, [], targets, grad_norm,
-                          skipped="gradient norm (under DeepSpeed the update was already applied)")
-    return StepResult(loss_sum, token_losses, targets, grad_norm)
+    if skipped:  # DeepSpeed: already applied
+        return StepResult(sums, [], target_tokens, grad_norm, f"{skipped} (under DeepSpeed the update was already applied)")
+    return StepResult(sums, token_losses, target_tokens, grad_norm)
 
 
-def step_sums(result: StepResult, micro_batches: list[dict]) -> dict:
-    """This process's numbers for the step; each is summed over processes and logged under its
-    name in metrics.jsonl (to log a new number, add a line)."""
+def step_sums(loss_sum: torch.Tensor, micro_batches: list[dict]) -> dict:
+    """This process's numbers for the step, on the device; each is summed over processes and logged
+    under its name in metrics.jsonl (to log a new number, add a line)."""
     return {
-        "loss_sum": result.loss_sum if result.skipped is None else float("nan"),
-        "real_tokens": sum(int(b["real_tokens"]) for b in micro_batches),
+        "loss_sum": loss_sum,
+        "real_tokens": sum(b["real_tokens"] for b in micro_batches),
         "padded_tokens": sum(b["input_ids"].numel() for b in micro_batches),
     }
 
@@ -235,17 +250,17 @@ def train(model_args, data_args, args) -> None:
             group["lr"] = lr
         micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in micro_batches]
         runtime.phase(f"step {step + 1}")
-        result = train_step(model, optimizer, micro_batches, accelerator, args, run.loss_fn)
+        result = train_step(model, optimizer, micro_batches, accelerator, args, run.loss_fn, len(train_set.names))
         step += 1
         if result.skipped:
             handle_nonfinite_step(result, step, micro_batches, train_set, args)
             run.skipped_steps += 1
-        stopped = report.step(step, result, step_sums(result, micro_batches), micro_batches, lr, run.skipped_steps)
+        stopped = report.step(step, result, micro_batches, lr, run.skipped_steps)
         is_last = step == run.total_steps
         if run.evaluating and not stopped and (is_last or (run.eval_every and step % run.eval_every == 0)):
             runtime.phase(f"the evaluation at step {step}")
             stopped = run.evaluate(step=step) is None  # None: SIGTERM
-        if stopped or is_last or (args.save_steps and step % args.save_steps == 0):
+        if args.save_strategy == "steps" and (stopped or is_last or (args.save_steps and step % args.save_steps == 0)):
             runtime.phase(f"saving checkpoint-{step}")
             checkpoints.save_checkpoint(accelerator, model, run.tokenizer, args, run.checkpoint_state(step))
         if stopped:
@@ -328,6 +343,7 @@ def setup(model_args, data_args, args) -> Run:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    loading.speed_up(model, args, accelerator.device, runtime.engine(accelerator))  # --use_liger_kernel, --torch_compile
     if model_args.use_peft:
         adapters.check_targets(model, model_args)
         base_path = model_args.model_name_or_path or checkpoints.save_base_model(accelerator, model, tokenizer, args)
@@ -373,6 +389,8 @@ def setup(model_args, data_args, args) -> Run:
 def finish(run: Run) -> None:
     """The final model in HF format at the top of output_dir; for LoRA the verified merge beside it."""
     accelerator, args, out = run.accelerator, run.args, Path(run.args.output_dir)
+    if args.save_strategy == "no":
+        return log.warning("--save_strategy no: nothing saved")
     runtime.phase("writing the final model")
     checkpoints.save_final_model(accelerator, run.model, run.tokenizer, out)
     log.info("%s written to %s%s", "adapter" if run.use_peft else "model", out,
@@ -382,7 +400,7 @@ def finish(run: Run) -> None:
         # The first process merges alone, so nothing in it may be a collective (see the helper).
         with runtime.without_zero3_partitioning(accelerator):
             if accelerator.is_main_process:
-                samples, which = merge_check_samples(run.train_set, run.eval_sets)
+                samples, which = evaluation.merge_check_samples(run.train_set, run.eval_sets)
                 merged = adapters.merge(out, run.tokenizer, [collate([s], pad_id=run.pad_id) for s in samples], which)
                 if merged is not None:
                     checkpoints.write_model_dir(merged, run.tokenizer, out / "merged")
@@ -390,16 +408,6 @@ def finish(run: Run) -> None:
     accelerator.wait_for_everyone()
     if args.plot and accelerator.is_main_process:
         log.info("plot: %s", plot_metrics.plot(args.output_dir))
-
-
-def merge_check_samples(train_set, eval_sets: dict, n: int = 4) -> tuple[list[dict], str]:
-    """The samples the merged model's logits are checked on: held-out ones when there is a validation set."""
-    if eval_sets:
-        name, dataset = next(iter(eval_sets.items()))
-        rows = dataset.select(range(min(n, len(dataset))))
-        return ([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows],
-                f"the first {len(rows)} samples of validation set {name}")
-    return sft_data.first_samples(train_set, n), f"the first {n} training samples"
 
 
 if __name__ == "__main__":

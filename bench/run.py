@@ -73,9 +73,11 @@ def bench_model(tok, where: Path) -> Path:
 
 
 def load_model(model_dir: Path):
+    import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    # fp32 weights, as the loop loads them (bf16 comes from autocast, on both sides)
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
 
 
 def run_ours(data: Path, model_dir: Path, out: Path, steps: int, per_device: int, max_len: int, extra: list[str]) -> dict:
@@ -91,19 +93,20 @@ def run_ours(data: Path, model_dir: Path, out: Path, steps: int, per_device: int
             "padding_eff": sum(r["padding_efficiency"] for r in rows) / len(rows)}
 
 
-def tokenized(data: Path, tok, max_len: int):
+def tokenized(data: Path, tok, max_len: int, truncation: str = "keep_start"):
     from sftloop import sft_data
 
     with tempfile.TemporaryDirectory() as d:
         corpus = sft_data.load_corpus([{"spec": str(data)}], tok, template="qwen2.5", max_len=max_len,
-                                      system_prompt=None, cache_dir=Path(d))
+                                      system_prompt=None, cache_dir=Path(d), truncation=truncation)
         return [{"input_ids": s["input_ids"], "labels": s["labels"]}
                 for s in sft_data.first_samples(corpus)]
 
 
 def run_trainer(rows, tok, model_dir: Path, steps: int, per_device: int, group_by_length: bool,
-                static_len: int | None) -> dict:
-    """transformers.Trainer as a user would set it up; static_len pads every sample (the chapter)."""
+                static_len: int | None, gpu: bool = False) -> dict:
+    """transformers.Trainer as a user would set it up; static_len pads every sample (the chapter);
+    gpu: on the GPU in bf16 (bench/gpu.py), with its peak allocated memory."""
     import datasets
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
@@ -138,11 +141,14 @@ def run_trainer(rows, tok, model_dir: Path, steps: int, per_device: int, group_b
         targs = TrainingArguments(output_dir=d, per_device_train_batch_size=per_device, max_steps=steps,
                                   learning_rate=1e-3, report_to="none", save_strategy="no", logging_steps=10**9,
                                   train_sampling_strategy="group_by_length" if group_by_length else "random",
-                                  dataloader_num_workers=0, use_cpu=True,
+                                  dataloader_num_workers=0, use_cpu=not gpu, bf16=gpu,
                                   disable_tqdm=True, remove_unused_columns=False)
         Trainer(model=model, args=targs, train_dataset=ds, data_collator=collator, callbacks=[clock]).train()
     # the collator runs one batch ahead of the step; the count lag is one batch at both ends, so it cancels
-    return {"target_tok_s": clock.n["targets"] / clock.t, "padding_eff": clock.n["real"] / clock.n["padded"]}
+    import torch
+
+    return {"target_tok_s": clock.n["targets"] / clock.t, "padding_eff": clock.n["real"] / clock.n["padded"],
+            **({"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30} if gpu else {})}
 
 
 def run_bare(rows, tok, model_dir: Path, steps: int, per_device: int) -> dict:

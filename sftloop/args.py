@@ -130,6 +130,11 @@ class TrainArguments:
         "help": "bf16 mixed precision; default: as the accelerate config says, else on where the GPU has it"})
     gradient_checkpointing: bool = field(default=False, metadata={"group": SPEED, 
         "help": "recompute activations in backward: less memory, about a third more compute"})
+    torch_compile: bool = field(default=False, metadata={"group": SPEED,
+        "help": "compile each decoder layer with torch.compile (the first steps wait for the compiler); one process or DDP"})
+    use_liger_kernel: bool = field(default=False, metadata={"group": SPEED,
+        "help": "Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) in the model; not its fused cross-entropy, so the loss "
+                "stays the loop's own (CUDA and the liger-kernel package)"})
     chunked_ce: Literal["auto", "true", "false"] = field(default="auto", metadata={"group": SPEED, 
         "help": "apply the LM head and the loss to a chunk of target tokens at a time, so the full [tokens x vocab] "
                 "logits never exist: auto (on for vocabularies of 32k+), true, false"})
@@ -155,6 +160,9 @@ class TrainArguments:
         "help": "no progress bar; instead a log line every 5%% of the run (default: so when the output is not a "
                 "terminal, e.g. a log file or Slurm)"})
     save_steps: int = field(default=0, metadata={"group": OUTPUT, "help": "save a checkpoint every N optimizer steps (0: only at the end)"})
+    save_strategy: Literal["steps", "no"] = field(default="steps", metadata={"group": OUTPUT,
+        "help": "steps: checkpoints (--save_steps, the last step, SIGTERM) and the final model; no: nothing is saved "
+                "(a run to measure, as bench/gpu.py's)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"group": OUTPUT, 
         "help": "a checkpoint directory, or 'true' for the latest in output_dir"})
     dataloader_num_workers: int = field(default=0, metadata={"group": SPEED, "help": "0 keeps data loading in this process (debuggable)"})

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 import templates
 from collate import collate
-from sftloop import lm_logits, logs, runtime
+from sftloop import lm_logits, logs, runtime, sft_data
 from sftloop.generation import generate_reply, prompt_ids
 from templates import IGNORE_INDEX
 
@@ -219,3 +219,13 @@ def run_evaluation(model, tokenizer, eval_sets: dict, eval_cases: dict, sample_c
     log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
     logs.log_metrics(args, accelerator, metrics)
     return metrics
+
+
+def merge_check_samples(train_set, eval_sets: dict, n: int = 4) -> tuple[list[dict], str]:
+    """The samples the merged model's logits are checked on: held-out ones when there is a validation set."""
+    if eval_sets:
+        name, dataset = next(iter(eval_sets.items()))
+        rows = dataset.select(range(min(n, len(dataset))))
+        return ([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows],
+                f"the first {len(rows)} samples of validation set {name}")
+    return sft_data.first_samples(train_set, n), f"the first {n} training samples"

@@ -31,8 +31,9 @@ def target_positions(labels: torch.Tensor) -> torch.Tensor:
     return where
 
 
-def num_targets(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+def num_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The trained tokens, as a tensor on the labels' device (counting needs no wait for the host)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
 def targets_at(labels: torch.Tensor, where: torch.Tensor) -> torch.Tensor:

@@ -76,3 +76,27 @@ def fit_to_tokenizer(model, tokenizer, max_len: int, end_of_turn: int) -> None:
     # Generation must stop where training taught the model to stop (saved with the model, for chat.py too).
     model.generation_config.eos_token_id = end_of_turn
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def speed_up(model, args, device, engine: str) -> None:
+    """--use_liger_kernel and --torch_compile, applied to the model in place (its parameters, and so
+    its checkpoints, stay as they are)."""
+    if args.use_liger_kernel:
+        missing = [] if device.type == "cuda" else ["a CUDA GPU (its kernels are Triton), which this run has not"]
+        try:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        except ImportError:
+            missing.append("the liger-kernel package (pip install liger-kernel)")
+        if missing:
+            raise SystemExit(f"error: --use_liger_kernel needs {' and '.join(missing)}")
+        # Its fused linear cross-entropy would replace the loop's one loss (token_loss, loss_weights): left out.
+        _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
+    if args.torch_compile:
+        if engine != "plain":
+            raise SystemExit("error: --torch_compile is tested with one process and DDP only; launch without DeepSpeed "
+                             "or FSDP to use it")
+        # Each layer, not the whole model: the chunked loss path calls the decoder and the head apart,
+        # and every layer shares one compiled graph.
+        layers = getattr(model.get_decoder(), "layers", None) if hasattr(model, "get_decoder") else None
+        for block in layers if layers is not None else [model]:
+            block.compile()

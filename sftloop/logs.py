@@ -54,17 +54,15 @@ class StepReport:
     def restart_clock(self) -> None:
         self.clock = time.perf_counter()
 
-    def step(self, step: int, result, sums: dict, micro_batches: list[dict], lr: float, skipped_steps: int) -> bool:
-        """Report one step from this process's `sums` (summed over processes here, in the collective
-        that also agrees on stopping). Returns whether any process got SIGTERM."""
-        several = len(self.names) > 1
-        local = {**sums, "stop": float(runtime.stop_requested_here())}
-        if several:
-            local["by_source"] = source_sums(result.token_losses, micro_batches, len(self.names))
-        summed = runtime.reduce_sums(self.accelerator, local)
+    def step(self, step: int, result, micro_batches: list[dict], lr: float, skipped_steps: int) -> bool:
+        """Report one step from its numbers, summed over processes by train_step (in the wait for the
+        host that also agrees on stopping). Returns whether any process got SIGTERM."""
+        summed = dict(result.sums)
         stopped = summed.pop("stop") > 0
-        if several:
-            window = summed.pop("by_source")
+        if result.skipped is not None:
+            summed["loss_sum"] = float("nan")  # the step was not applied
+        window = summed.pop("by_source", None)
+        if window is not None and result.skipped is None:
             self.by_source = window if self.by_source is None else self.by_source + window
         now = time.perf_counter()  # the whole step, data loading and collation included
         dt, self.clock = now - self.clock, now
@@ -88,6 +86,9 @@ class StepReport:
                 "step_time": dt,
                 **({"mfu": summed["real_tokens"] / dt * self.flops / (self.peak * self.accelerator.num_processes)}
                    if self.peak else {}),
+                # the allocator's own count (no wait for the device): the most this process's GPU held
+                **({"peak_memory_gb": torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30}
+                   if self.accelerator.device.type == "cuda" else {}),
                 **source_losses(self.by_source, self.names)})
             self.by_source = None
         return stopped

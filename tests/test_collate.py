@@ -48,6 +48,6 @@ def test_each_target_token_keeps_its_source_padded_or_packed():
     plain = collate(samples, pad_id=0)
     packed = collate_packed(samples, pad_id=0, max_len=16)
     assert packed["input_ids"].shape[0] < plain["input_ids"].shape[0]
-    counts = [logs.source_sums([torch.zeros(lm_logits.num_targets(b["labels"]))], [b], 3) for b in (plain, packed)]
+    counts = [logs.source_sums([torch.zeros(int(lm_logits.num_targets(b["labels"])))], [b], 3) for b in (plain, packed)]
     assert torch.equal(counts[0], counts[1])
     assert counts[0][1].tolist() == [3 + 5, 7 + 2, 1]

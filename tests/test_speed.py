@@ -7,7 +7,7 @@ import transformers
 import batches
 import train_loop
 from collate import collate, collate_packed
-from helpers import losses, max_diff, metrics, train, weights
+from helpers import REPO, losses, max_diff, metrics, train, weights
 
 
 def tiny_model(vocab, seed=0):
@@ -92,3 +92,56 @@ def test_group_by_length_run_pads_less(tmp_path, sft_cache):
     train(["--output_dir", grouped, "--max_steps", 20, "--group_by_length"], sft_cache)
     eff = lambda out: sum(m["padding_efficiency"] for m in metrics(out) if "padding_efficiency" in m) / 20
     assert eff(grouped) > eff(plain) + 0.05
+
+
+def test_a_step_waits_for_the_host_once(tmp_path, sft_cache, monkeypatch):
+    """Every number of a step stays on the device until the step's one reduction (runtime.reduce_sums:
+    the losses and token counts to log, whether any process saw a non-finite loss or gradient norm,
+    whether any got SIGTERM). Counted through a hook on every way a tensor reaches the host (item,
+    tolist, cpu, numpy, float(), int(), bool(), index) called from the project's code while a step
+    and its report run; a reduction counts as one, whatever it does inside."""
+    import sys
+
+    from sftloop import logs, runtime
+
+    ours = tuple(str(REPO / f) for f in ("train_loop.py", "sftloop", "batches.py", "collate.py", "templates.py"))
+    state = {"depth": 0, "syncs": 0, "steps": 0}
+
+    def hook(name):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, **k):
+            if state["depth"] and sys._getframe(1).f_code.co_filename.startswith(ours):
+                state["syncs"] += 1
+            return original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"):
+        hook(name)
+
+    def inside_a_step(fn, step=False):
+        def run(*a, **k):
+            state["depth"] += 1
+            state["steps"] += step
+            try:
+                return fn(*a, **k)
+            finally:
+                state["depth"] -= 1
+        return run
+
+    reduce_sums = runtime.reduce_sums
+
+    def one_sync(*a, **k):
+        state["syncs"] += bool(state["depth"])
+        depth, state["depth"] = state["depth"], 0
+        try:
+            return reduce_sums(*a, **k)
+        finally:
+            state["depth"] = depth
+
+    monkeypatch.setattr(runtime, "reduce_sums", one_sync)
+    monkeypatch.setattr(train_loop, "train_step", inside_a_step(train_loop.train_step, step=True))
+    monkeypatch.setattr(logs.StepReport, "step", inside_a_step(logs.StepReport.step))
+    train(["--output_dir", tmp_path / "o", "--max_steps", 5, "--per_device_train_batch_size", 4,
+           "--gradient_accumulation_steps", 2, "--eval_steps", 0], sft_cache)
+    assert state["steps"] == 5 and state["syncs"] == 5
