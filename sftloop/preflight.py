@@ -95,7 +95,7 @@ def _message(e: SystemExit) -> str:
 
 def data_section(report: Report, run, data_args, args) -> None:
     corpus, tok = run.train_set, run.tokenizer
-    columns = {c: sft_data._column(corpus.dataset, c) for c in ("part", "truncated", "num_targets")}
+    columns = {c: sft_data.column(corpus.dataset, c) for c in ("part", "truncated", "num_targets")}
     error = corpus.dataset.data.column("error").to_numpy(zero_copy_only=False) != ""
     usable = np.zeros(len(corpus.dataset), dtype=bool)
     usable[np.concatenate(corpus.rows)] = True

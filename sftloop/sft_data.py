@@ -162,7 +162,7 @@ def tokenized(origin, settings: str, cache_dir: Path, num_proc: int | None, enco
     return out, seconds
 
 
-def _column(dataset: datasets.Dataset, name: str, dtype=None) -> np.ndarray:
+def column(dataset: datasets.Dataset, name: str, dtype=None) -> np.ndarray:
     """One column as numpy, from Arrow in one go (no Python object per row)."""
     col = dataset.data.column(name)
     arr = col.to_numpy() if col.num_chunks != 1 else col.chunk(0).to_numpy(zero_copy_only=False)
@@ -207,10 +207,10 @@ def load_corpus(entries: list[dict], tokenizer, *, template: str, max_len: int, 
             raise DataProblems(report_problems(problems, len(bad)) + "\n(pass --skip_invalid_samples to skip such records)")
         log.warning("Skipped %d invalid %s record(s) of %d (--skip_invalid_samples); the first: %s",
                     len(bad), what, len(dataset), problems[0])
-    truncated = _column(dataset, "truncated", bool)
-    usable = _column(dataset, "num_targets") > 0
+    truncated = column(dataset, "truncated", bool)
+    usable = column(dataset, "num_targets") > 0
     usable[bad] = False
-    conversations = int(np.count_nonzero((_column(dataset, "part") == 0) & usable))
+    conversations = int(np.count_nonzero((column(dataset, "part") == 0) & usable))
     if int(usable.sum()) != conversations:
         log.info("%d %s conversations became %d samples (--template %s renders earlier turns differently as a "
                  "conversation grows, so each user query's turns are a sample of their own: every turn trained once, "
@@ -242,7 +242,7 @@ def load_corpus(entries: list[dict], tokenizer, *, template: str, max_len: int, 
             raise DataProblems(f"{flag} {s.spec}: no usable {what} sample in it (of {b - a} record(s): invalid, too "
                                f"long for --truncation drop, or no trainable token within max_len={max_len})")
     return Corpus(dataset=dataset, sources=sources, rows=rows, counts=plan_counts(sources, rows, flag),
-                  origin_starts=origin_starts, source_starts=source_starts, lengths=_column(dataset, "length", np.int32),
+                  origin_starts=origin_starts, source_starts=source_starts, lengths=column(dataset, "length", np.int32),
                   settings=settings, tokenized_now=tuple(fresh))
 
 
