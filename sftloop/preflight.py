@@ -427,6 +427,9 @@ def _evaluations(run) -> int:
 
 
 def _saves(run, args) -> int:
+    """The checkpoints the run writes (the final model besides), none with --save_strategy no."""
+    if args.save_strategy == "no":
+        return 0
     return len({s for s in range(1, run.total_steps + 1) if args.save_steps and s % args.save_steps == 0}
                | {run.total_steps})
 
@@ -460,14 +463,14 @@ def time_section(report: Report, run, data_args, args, train_step, trial, setup_
     save_s = time.perf_counter() - began
     report.numbers.update(checkpoint_dir=str(ckpt), save_seconds=save_s)
     saves = _saves(run, args)
-    total = setup_s + train_s + eval_s + save_s * (saves + 1)  # + 1: the final model
+    total = setup_s + train_s + eval_s + save_s * (saves + (saves > 0))  # + 1: the final model
     report.numbers.update(step_seconds=seconds / timed, timed_steps=timed,
                           tokens_per_s=tokens / max(seconds, 1e-9), eta_seconds=round(total, 1),
                           train_seconds=round(train_s, 1), eval_seconds=round(eval_s, 1), setup_seconds=round(setup_s, 1))
     report.add("fact", "time", f"{run.total_steps} steps: ~{_duration(train_s)} at {tokens / max(seconds, 1e-9):,.0f} "
                f"tokens/s ({seconds / timed:.2f} s a step over {timed} steps, "
                f"{targets:.0f} trained tokens in the last timed one); {evals} evaluations ~{_duration(eval_s)}; "
-               f"{saves} checkpoint(s) + the final model at {save_s:.1f} s each; set-up {setup_s:.0f} s: "
+               f"{f'{saves} checkpoint(s) + the final model at {save_s:.1f} s each' if saves else 'nothing saved'}; set-up {setup_s:.0f} s: "
                f"the run takes ~{_duration(total)}")
 
 
@@ -511,6 +514,9 @@ def disk_section(report: Report, run, model_args, args, trial, scratch: Path) ->
     if model_args.use_peft and model_args.merge_adapter:  # the merged model, in fp32
         extra += sum(p.numel() for n, p in runtime.unwrapped(run.model).named_parameters() if "lora_" not in n) * 4
     saves = _saves(run, args)
+    if not saves:
+        return report.add("fact", "disk", f"--save_strategy no: the run writes no checkpoint (one is {_bytes(one)}) "
+                          "and no model")
     kept = min(saves, args.save_total_limit) if args.save_total_limit else saves
     need = kept * one + model + extra
     where = next(p for p in [Path(args.output_dir).resolve(), *Path(args.output_dir).resolve().parents] if p.exists())

@@ -236,3 +236,10 @@ def _has(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def test_save_strategy_no_trains_and_saves_nothing(tmp_path, sft_cache):
+    p = train(["--output_dir", tmp_path / "o", "--train_files", REPO / "data" / "sample_belle_eval.jsonl",
+               "--max_steps", 2, "--eval_steps", 0, "--save_strategy", "no", "--plot", "false"], sft_cache)
+    assert sorted(f.name for f in (tmp_path / "o").iterdir()) == ["metrics.jsonl"]
+    assert sorted(losses(tmp_path / "o")) == [1, 2] and "--save_strategy no: nothing saved" in p.stderr
