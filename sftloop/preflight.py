@@ -68,8 +68,9 @@ def check(model_args, data_args, args, setup, train_step) -> None:
             first = first_step(run, data_args)
             loss_section(report, run, model_args, data_args, first)
             eval_s = measure_evaluation(run, data_args, trial)  # before any update, as at the run's first evaluation
-            memory_section(report, run, model_args, data_args, args, train_step)
-            time_section(report, run, data_args, args, train_step, trial, setup_s, eval_s)
+            widths = planned_widths(run, data_args)  # every micro-batch of the run, from the sample lengths
+            memory_section(report, run, model_args, data_args, args, train_step, widths)
+            time_section(report, run, data_args, args, train_step, trial, setup_s, eval_s, widths)
             disk_section(report, run, model_args, args, trial, scratch)
         resume_section(report, run, model_args, data_args, args)
     finally:
@@ -354,10 +355,9 @@ def _peak(device) -> int:
     return _status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def memory_section(report: Report, run, model_args, data_args, args, train_step) -> None:
+def memory_section(report: Report, run, model_args, data_args, args, train_step, widths: np.ndarray) -> None:
     """One optimizer step on the run's largest micro-batch (the weights it changes are never saved)."""
     acc, device = run.accelerator, run.accelerator.device
-    widths = planned_widths(run, data_args)
     step, rank, micro = np.unravel_index(int(np.argmax(widths)), widths.shape)
     rows = _rows_of(run, data_args, int(step), int(rank), int(micro))
     worst = batches.collate_fn(data_args, run.pad_id, run.attn_implementation)(sft_data.samples_at(run.train_set, rows))
@@ -435,7 +435,7 @@ def _saves(run, args) -> int:
 
 
 def time_section(report: Report, run, data_args, args, train_step, trial, setup_s: float,
-                 eval_s: tuple[float, float]) -> None:
+                 eval_s: tuple[float, float], widths: np.ndarray) -> None:
     """A few real steps give seconds per padded token; the run's planned batches give its total."""
     acc, device = run.accelerator, run.accelerator.device
     # --check_steps steps, and more while they last under 3 s (a fast step is noisy), all processes
@@ -453,8 +453,8 @@ def time_section(report: Report, run, data_args, args, train_step, trial, setup_
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - began
     per_token = seconds / max(1, tokens)
-    widths = planned_widths(run, data_args).sum(axis=2).max(axis=1)  # a step lasts as long as its slowest process
-    train_s = float(widths.sum()) * per_token
+    # a step lasts as long as its slowest process
+    train_s = float(widths.sum(axis=2).max(axis=1).sum()) * per_token
     evals = _evaluations(run)
     first_eval_s, later_eval_s = eval_s
     eval_s = first_eval_s + later_eval_s * (evals - 1) if evals else 0.0
