@@ -5,6 +5,10 @@ import pytest
 
 # tqdm reads its TQDM_* settings when it is imported: no progress bars in runs made in this process
 os.environ.setdefault("TQDM_DISABLE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two tests at a time (-n 2): one compute thread each (as accelerate launch gives each process),
+    # read by torch when it is imported, which comes later; the runs it starts inherit it
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,3 +69,14 @@ def qwen3_tok(qwen_tokenizer_dir):
     from tools import build_tokenizers
 
     return AutoTokenizer.from_pretrained(build_tokenizers.qwen3_tokenizer_dir())
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct, built from its GGUF file once per test run (under -n 2 the workers share it)."""
+    from tools import build_models
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, above each worker's own
+    return build_models.smollm2_dir(root / "models")

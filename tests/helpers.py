@@ -23,11 +23,14 @@ def run_cmd(args, cache, timeout=600, check=True, env_extra=None):
     return p
 
 
-def quick(args):
+def quick(args, plot=False):
     """Runs on the default data evaluate on its held-out set; greedy generation there is the slow
-    part, so tests that do not look at it turn it off."""
+    part, so tests that do not look at it turn it off. A run in a subprocess also skips the plot
+    unless it asks for it (matplotlib costs each new process a second of CPU; in the test process
+    it is imported once, and test_eval looks at the plot)."""
     args = [str(a) for a in args]
-    return args if "--max_eval_generations" in args else args + ["--max_eval_generations", "0"]
+    args = args if "--max_eval_generations" in args else args + ["--max_eval_generations", "0"]
+    return args if plot or "--plot" in args else args + ["--plot", "false"]
 
 
 def train(args, cache, check=True, env_extra=None, subprocess_=False, **kw):
@@ -46,7 +49,7 @@ def train(args, cache, check=True, env_extra=None, subprocess_=False, **kw):
     from accelerate.state import AcceleratorState, GradientState
     from sftloop import runtime
 
-    argv = quick(args)
+    argv = quick(args, plot=True)
     env = {"SFT_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **(env_extra or {})}
     saved_env, cwd = {k: os.environ.get(k) for k in env}, os.getcwd()
     out, err = io.StringIO(), io.StringIO()

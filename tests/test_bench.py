@@ -9,7 +9,8 @@ from helpers import run_cmd
 def test_the_gpu_benchmark_runs_end_to_end_on_a_cpu(tmp_path, sft_cache):
     """bench/gpu.py --dry_run: a tiny model, every case that needs no CUDA (DeepSpeed ZeRO-2 on one
     process included) and transformers.Trainer, each measured, then the JSON and the table."""
-    p = run_cmd([sys.executable, "-m", "bench.gpu", "--dry_run", "--out", tmp_path], sft_cache)
+    # a budget no busy machine reaches: a case stopped at its share of the dry run's 300 s would fail this
+    p = run_cmd([sys.executable, "-m", "bench.gpu", "--dry_run", "--out", tmp_path, "--budget_s", "3000"], sft_cache)
     r = json.loads((tmp_path / "gpu.json").read_text())
     cases = {x["case"]: x for x in r["results"]}
     assert set(cases) == {"padding", "group_by_length", "packing (SDPA, block mask)", "whole-logit cross-entropy",

@@ -168,13 +168,11 @@ def test_a_check_under_accelerate_launch_with_packing(tmp_path, sft_cache, data)
     assert p.stdout.count("Pre-flight check") == 1  # printed once, by the first process
 
 
-def test_the_check_of_a_real_pretrained_chat_model(tmp_path, sft_cache):
+def test_the_check_of_a_real_pretrained_chat_model(tmp_path, sft_cache, smollm2_dir):
     """SmolLM2-135M-Instruct with its own template: every section, and a first loss far below a
     uniform guess (it already answers much of this)."""
-    from tools import build_models
-
     out = tmp_path / "o"
-    p = train(["--output_dir", out, "--model_name_or_path", build_models.smollm2_dir(sft_cache), "--template",
+    p = train(["--output_dir", out, "--model_name_or_path", smollm2_dir, "--template",
                "tokenizer", "--train_files", REPO / "data" / "shout_train.jsonl", "--check", *SMALL], sft_cache)
     r = report(out)
     assert r["fatal"] == 0 and {f["section"] for f in r["findings"]} == SECTIONS, p.stdout

