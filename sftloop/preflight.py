@@ -96,8 +96,8 @@ def _message(e: SystemExit) -> str:
 
 def data_section(report: Report, run, data_args, args) -> None:
     corpus, tok = run.train_set, run.tokenizer
-    columns = {c: sft_data.column(corpus.dataset, c) for c in ("part", "truncated", "num_targets")}
-    error = corpus.dataset.data.column("error").to_numpy(zero_copy_only=False) != ""
+    columns = {c: sft_data.column(corpus.dataset, c) for c in ("part", "truncated", "num_targets", "error")}
+    error = columns["error"] != ""
     usable = np.zeros(len(corpus.dataset), dtype=bool)
     usable[np.concatenate(corpus.rows)] = True
     for k, source in enumerate(corpus.sources):
@@ -463,14 +463,16 @@ def time_section(report: Report, run, data_args, args, train_step, trial, setup_
     save_s = time.perf_counter() - began
     report.numbers.update(checkpoint_dir=str(ckpt), save_seconds=save_s)
     saves = _saves(run, args)
-    total = setup_s + train_s + eval_s + save_s * (saves + (saves > 0))  # + 1: the final model
+    writes = saves + 1 if saves else 0  # the checkpoints and the final model; nothing under --save_strategy no
+    total = setup_s + train_s + eval_s + save_s * writes
+    saved = f"{saves} checkpoint(s) + the final model at {save_s:.1f} s each" if saves else "nothing saved"
     report.numbers.update(step_seconds=seconds / timed, timed_steps=timed,
                           tokens_per_s=tokens / max(seconds, 1e-9), eta_seconds=round(total, 1),
                           train_seconds=round(train_s, 1), eval_seconds=round(eval_s, 1), setup_seconds=round(setup_s, 1))
     report.add("fact", "time", f"{run.total_steps} steps: ~{_duration(train_s)} at {tokens / max(seconds, 1e-9):,.0f} "
                f"tokens/s ({seconds / timed:.2f} s a step over {timed} steps, "
                f"{targets:.0f} trained tokens in the last timed one); {evals} evaluations ~{_duration(eval_s)}; "
-               f"{f'{saves} checkpoint(s) + the final model at {save_s:.1f} s each' if saves else 'nothing saved'}; set-up {setup_s:.0f} s: "
+               f"{saved}; set-up {setup_s:.0f} s: "
                f"the run takes ~{_duration(total)}")
 
 
