@@ -75,9 +75,9 @@ def main(argv=None) -> None:
         else:
             history.append({"role": "user", "content": line})
         print("model> ", end="", flush=True)
-        answer = generation.generate_reply(model, tokenizer, generation.prompt_ids(tokenizer, history, tools),
-                                           args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                           streamer=streamer)
+        answer, = generation.generate(model, tokenizer, [generation.prompt_ids(tokenizer, history, tools)],
+                                      args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                      streamer=streamer)
         history.append(generation.parse_reply(answer))
         for call in history[-1].get("tool_calls", []):
             print(f"call> {call['function']['name']} {json.dumps(call['function']['arguments'], ensure_ascii=False)}")

@@ -147,8 +147,8 @@ def speed(args) -> None:
 def replies(model, tok, prompts, max_new_tokens):
     from sftloop import generation
 
-    return [generation.generate_reply(model, tok, generation.prompt_ids(tok, [{"role": "user", "content": p}]),
-                                      max_new_tokens) for p in prompts]
+    return [generation.generate(model, tok, [generation.prompt_ids(tok, [{"role": "user", "content": p}])],
+                                max_new_tokens)[0] for p in prompts]
 
 
 def score(model_dir: Path) -> dict:

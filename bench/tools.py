@@ -41,13 +41,13 @@ def score(model_dir: Path, template_from_training: bool) -> dict:
     examples = []
     for r in held_out:
         ids = generation.prompt_ids(tok, r["messages"][:1], r["tools"])
-        reply = generation.generate_reply(model, tok, ids, 48)
+        reply, = generation.generate(model, tok, [ids], 48)
         calls = generation.parse_reply(reply).get("tool_calls", [])
         expected = r["messages"][1]["tool_calls"][0]["function"]
         valid += bool(calls)
         right += len(calls) == 1 and calls[0]["function"] == expected
         examples.append((r["messages"][0]["content"], reply))
-    knew = [generation.generate_reply(model, tok, generation.prompt_ids(tok, [{"role": "user", "content": q}]), 48)
+    knew = [generation.generate(model, tok, [generation.prompt_ids(tok, [{"role": "user", "content": q}])], 48)[0]
             for q, _ in KNOWLEDGE]
     return {"right": right / len(held_out), "valid": valid / len(held_out), "examples": examples,
             "knowledge": [k.lower() in a.lower() for (_, k), a in zip(KNOWLEDGE, knew)], "answers": knew}

@@ -104,7 +104,7 @@ class TrainArguments:
         "help": "use an output_dir that holds files already (it is emptied first)"})
     per_device_train_batch_size: int | None = field(default=None, metadata={"group": TRAINING, 
         "help": "samples per micro-batch per process (default: 8, or 32 for the built-in tiny model)"})
-    per_device_eval_batch_size: int = field(default=8, metadata={"group": EVALUATION, "help": "samples per evaluation batch per process"})
+    per_device_eval_batch_size: int = field(default=8, metadata={"group": EVALUATION, "help": "samples per evaluation batch per process, for the held-out loss and for greedy replies"})
     gradient_accumulation_steps: int = field(default=1, metadata={"group": TRAINING, "help": "micro-batches per optimizer step"})
     learning_rate: float | None = field(default=None, metadata={"group": TRAINING, 
         "help": "peak learning rate (default: 3e-3 for the built-in tiny model, 2e-5 for a pretrained one)"})

@@ -1,5 +1,5 @@
 """Evaluation: held-out loss and perplexity, greedy replies with the training template (held-out
-exact match, sample generations printed during training), and the reply function chat.py uses.
+exact match, sample generations printed during training), made by sftloop.generation, as chat.py's.
 
 Prompts are rendered exactly as in training (the chat template up to the assistant header), and
 generation stops at the template's end-of-turn token, which training taught the model to emit."""
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 import templates
 from collate import collate
 from sftloop import lm_logits, logs, runtime, sft_data
-from sftloop.generation import generate_reply, prompt_ids
+from sftloop.generation import generate, prompt_ids
 from templates import IGNORE_INDEX
 
 log = logging.getLogger("sft")
@@ -96,26 +96,38 @@ def held_out_cases(eval_sets: dict, tokenizer, args, end_of_turn_id: int):
 
 # --- replies --------------------------------------------------------------------------------------
 
-def run_cases(model, tokenizer, cases, accelerator, max_new_tokens: int, synced_gpus: bool = False) -> list[dict] | None:
-    """Greedy replies for all cases, shared among processes, gathered in order on every process
-    (None if SIGTERM arrived meanwhile). Every process runs the same number of generate calls:
-    under ZeRO-3 each forward gathers parameters collectively."""
+def reply_batches(cases, batch_size: int) -> list[list[int]]:
+    """Which cases share a generate call: batch_size at a time in order of prompt length."""
+    by_length = sorted(range(len(cases)), key=lambda i: len(cases[i][0]))
+    return [by_length[i:i + batch_size] for i in range(0, len(cases), batch_size)]
+
+
+def run_cases(model, tokenizer, cases, accelerator, max_new_tokens: int, batch_size: int,
+              synced_gpus: bool = False) -> list[dict] | None:
+    """Greedy replies for all cases, batch_size prompts a generate call, gathered in order on every
+    process (None if SIGTERM arrived meanwhile). The batches are made from all cases, prompts of
+    similar length together (less padding), and dealt out to the processes in turn: each prompt is
+    padded the same way however many processes share the work, so a reply does not depend on their
+    number. Every process runs the same number of generate calls: under ZeRO-3 each forward gathers
+    parameters collectively."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(len(cases)))[rank::world]
+    batches = reply_batches(cases, batch_size)
+    mine = batches[rank::world]
     was_training = model.training
     model.eval()
     results = []
-    for k in range(-(-len(cases) // world)):
+    for k in range(-(-len(batches) // world)):
         if runtime.stop_agreed(accelerator):
             model.train(was_training)
             return None
-        i = mine[k] if k < len(mine) else 0  # a repeat keeps the collectives in step
-        ids, expected = cases[i]
-        got = generate_reply(model, tokenizer, ids, max_new_tokens, synced_gpus=synced_gpus)
+        batch = mine[k] if k < len(mine) else batches[0]  # a repeat keeps the collectives in step
+        replies = generate(model, tokenizer, [cases[i][0] for i in batch], max_new_tokens, synced_gpus=synced_gpus)
         if k < len(mine):
-            results.append({"i": i, "prompt": tokenizer.decode(ids), "expected": expected, "reply": got,
-                            "correct": expected is not None and got.strip() == expected.strip(),
-                            "user": last_user_turn(tokenizer, ids)})
+            for i, got in zip(batch, replies):
+                ids, expected = cases[i]
+                results.append({"i": i, "prompt": tokenizer.decode(ids), "expected": expected, "reply": got,
+                                "correct": expected is not None and got.strip() == expected.strip(),
+                                "user": last_user_turn(tokenizer, ids)})
     model.train(was_training)
     return sorted(gather_object(results), key=lambda r: r["i"])
 
@@ -195,7 +207,8 @@ def run_evaluation(model, tokenizer, eval_sets: dict, eval_cases: dict, sample_c
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     everything = []
     for name, cases in eval_cases.items():
-        results = run_cases(hf_model, tokenizer, cases, accelerator, args.max_new_tokens, synced)
+        results = run_cases(hf_model, tokenizer, cases, accelerator, args.max_new_tokens,
+                            args.per_device_eval_batch_size, synced)
         if results is None:
             return None
         everything += results
@@ -204,7 +217,8 @@ def run_evaluation(model, tokenizer, eval_sets: dict, eval_cases: dict, sample_c
     if everything:
         metrics["eval_exact_match"] = exact_match(everything)
     if sample_cases:
-        samples = run_cases(hf_model, tokenizer, sample_cases, accelerator, args.max_new_tokens, synced)
+        samples = run_cases(hf_model, tokenizer, sample_cases, accelerator, args.max_new_tokens,
+                            args.per_device_eval_batch_size, synced)
         if samples is None:
             return None
         if accelerator.is_main_process:

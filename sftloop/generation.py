@@ -34,13 +34,19 @@ def parse_reply(reply: str) -> dict:
 
 
 @torch.no_grad()
-def generate_reply(model, tokenizer, ids: list[int], max_new_tokens: int, synced_gpus: bool = False,
-                   temperature: float = 0.0, top_p: float = 1.0, streamer=None) -> str:
-    """Greedy (temperature 0) or sampled reply; stops at the model's generation_config eos, which
-    the loop sets to the template's end-of-turn token (e.g. <|im_end|>)."""
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, synced_gpus: bool = False,
+             temperature: float = 0.0, top_p: float = 1.0, streamer=None) -> list[str]:
+    """Greedy (temperature 0) or sampled replies to several prompts in one generate call (a streamer
+    takes one prompt). Prompts are padded on the left, so every reply starts at the same position.
+    A reply stops at the model's generation_config eos, which the loop sets to the template's
+    end-of-turn token (e.g. <|im_end|>); generate pads it while others go on, and decoding drops
+    both, as special tokens."""
     device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], device=device)
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus, streamer=streamer, **sampling)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                         synced_gpus=synced_gpus, streamer=streamer, **sampling)
+    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)

@@ -477,27 +477,34 @@ def time_section(report: Report, run, data_args, args, train_step, trial, setup_
 
 
 def measure_evaluation(run, data_args, trial) -> tuple[float, float]:
-    """Seconds for the first evaluation and for each later one: the held-out loss on a few batches
-    and four greedy replies, scaled to the whole sets. The untrained model's replies run to
-    --max_new_tokens; a trained one's about as long as the expected replies, at the same time a token."""
+    """Seconds for the first evaluation and for each later one: the held-out loss on a few batches,
+    scaled to the whole sets, and one generate call a process, timed a step. A call takes as many
+    steps as its batch's longest reply: the untrained model's run to --max_new_tokens; a trained
+    one's about as long as the longest expected reply of the batch."""
     acc, args, tok, loss_s = run.accelerator, run.args, run.tokenizer, 0.0
     for dataset in run.eval_sets.values():
         n = min(len(dataset), 2 * args.per_device_eval_batch_size * acc.num_processes)
         began = time.perf_counter()
         evaluation.evaluate(run.model, dataset.select(range(n)), run.loss_fn, trial, data_args, acc, run.pad_id)
         loss_s += (time.perf_counter() - began) * len(dataset) / max(1, n)
-    cases = [c for cs in run.eval_cases.values() for c in cs] + list(run.sample_cases)
-    if not cases:
+    sets = [cs for cs in [*run.eval_cases.values(), list(run.sample_cases)] if cs]
+    if not sets:
         return loss_s, loss_s
-    tried = cases[:4]
+    bs, world = args.per_device_eval_batch_size, acc.num_processes
+    tried = sets[0][:bs * world]
     began = time.perf_counter()
-    replies = evaluation.run_cases(runtime.unwrapped(run.model), tok, tried, acc, args.max_new_tokens,
+    replies = evaluation.run_cases(runtime.unwrapped(run.model), tok, tried, acc, args.max_new_tokens, bs,
                                    runtime.shards_parameters(acc)) or []
-    per_token = (time.perf_counter() - began) / max(1, sum(len(tok(r["reply"]).input_ids) + 1 for r in replies))
-    untrained = per_token * sum(len(tok(r["reply"]).input_ids) + 1 for r in replies) * len(cases) / len(tried)
-    expected = sum(min(args.max_new_tokens, len(tok(e).input_ids) + 1) if e is not None else args.max_new_tokens
-                   for _, e in cases)
-    return loss_s + untrained, loss_s + per_token * expected
+    took = time.perf_counter() - began
+    steps = min(args.max_new_tokens, max((len(tok(r["reply"]).input_ids) + 1 for r in replies), default=1))
+    untrained = trained = 0.0
+    for cases in sets:
+        batches = evaluation.reply_batches(cases, bs)
+        untrained += took * -(-len(batches) // world)  # the processes' calls run side by side
+        length = [args.max_new_tokens if e is None else min(args.max_new_tokens, len(tok(e).input_ids) + 1)
+                  for _, e in cases]
+        trained += max(sum(max(length[i] for i in b) for b in batches[k::world]) for k in range(world)) * took / steps
+    return loss_s + untrained, loss_s + trained
 
 
 def _size(path: Path) -> int:

@@ -103,7 +103,7 @@ def test_chat_streams_replies_with_the_training_template_and_stops(short_run):
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     msgs = [{"role": "user", "content": "Repeat after me:\nsun moon"}]
-    expected = generation.generate_reply(model, tok, generation.prompt_ids(tok, msgs), 24)
+    expected, = generation.generate(model, tok, [generation.prompt_ids(tok, msgs)], 24)
     assert replies[0].strip() == expected.strip()
     assert "<|im_end|>" not in p.stdout
     # --tools: a tool result without a call to answer is refused; a bad tools file is a clear error
@@ -129,6 +129,39 @@ def test_sample_prompts_file_and_validation_split(tmp_path, sft_cache):
     assert all(g["expected"] is None for g in gens)
     evals = [m for m in metrics(out) if "eval_loss" in m]
     assert [m["step"] for m in evals] == [0, 4]
+
+
+def test_replies_generated_in_a_batch_are_those_generated_one_at_a_time(tiny_tok):
+    """Prompts of different lengths, padded on the left in one generate call: each reply is the one
+    its prompt gets alone, cut at the stop token even when others in the batch go on; and the
+    batches evaluation makes are the same for one process as for three."""
+    import torch
+
+    import train_loop
+    from sftloop import evaluation, generation
+
+    torch.manual_seed(0)
+    model = train_loop.tiny_qwen2(len(tiny_tok), tiny_tok).eval()
+    with torch.no_grad():  # freshly initialised, it says "\n" to every prompt, which would hide a padding mistake
+        for w in model.parameters():
+            if w.dim() > 1:
+                w.normal_(0, 0.5)
+    prompts = [generation.prompt_ids(tiny_tok, [{"role": "user", "content": text}])
+               for text in ("hi", "Repeat after me: sun moon star", "请重复：小猫 小狗", "a b c d e f g h i j k")]
+    alone = [model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist() for p in prompts]
+    # a stop token that prompt 1 first emits after a few others; the other prompts may go on
+    k = next(k for k, t in enumerate(alone[1]) if k >= 2 and t not in alone[1][:k])
+    model.generation_config.eos_token_id = alone[1][k]
+    singles = [generation.generate(model, tiny_tok, [p], 12)[0] for p in prompts]
+    assert generation.generate(model, tiny_tok, prompts, 12) == singles
+    assert singles[1] == tiny_tok.decode(alone[1][:k + 1], skip_special_tokens=True)
+    assert any(len(tiny_tok(r, add_special_tokens=False).input_ids) > k + 1 for r in singles)  # some went on
+    # the batches depend on the cases and the batch size only: processes take them in turn
+    cases = [(p, None) for p in prompts * 3]
+    batches = evaluation.reply_batches(cases, 5)
+    assert [len(b) for b in batches] == [5, 5, 2]
+    lengths = [len(cases[i][0]) for b in batches for i in b]
+    assert lengths == sorted(lengths) and sorted(i for b in batches for i in b) == list(range(12))
 
 
 @pytest.mark.parametrize("config", ["cpu_ddp.yaml", "cpu_zero3.yaml"])

@@ -370,8 +370,9 @@ def test_sigterm_during_tokenization_exits_cleanly(tmp_path):
 
 def test_sigterm_during_the_first_evaluation_exits_cleanly(tmp_path, sft_cache):
     out, log = tmp_path / "o", tmp_path / "log"
-    p = start_logged(["--output_dir", out, "--max_eval_generations", 100], sft_cache, log)
-    took = sigterm_when(p, lambda: "model: Qwen2ForCausalLM" in log.read_text(), delay=1.0)  # 100 replies: ~10 s
+    # the untrained model's 100 replies run to 256 tokens: over 10 s of generate calls, 8 replies each
+    p = start_logged(["--output_dir", out, "--max_eval_generations", 100, "--max_new_tokens", 256], sft_cache, log)
+    took = sigterm_when(p, lambda: "model: Qwen2ForCausalLM" in log.read_text(), delay=1.0)
     text = log.read_text()
     assert "SIGTERM before training began" in text and "Traceback" not in text and took < 10
     assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
@@ -379,8 +380,8 @@ def test_sigterm_during_the_first_evaluation_exits_cleanly(tmp_path, sft_cache):
 
 def test_sigterm_during_an_evaluation_in_training_checkpoints_that_step(tmp_path, sft_cache):
     out, log = tmp_path / "o", tmp_path / "log"
-    p = start_logged(["--output_dir", out, "--max_steps", 50, "--eval_steps", 3, "--max_eval_generations", 100],
-                     sft_cache, log)
+    p = start_logged(["--output_dir", out, "--max_steps", 50, "--eval_steps", 3, "--max_eval_generations", 100,
+                      "--max_new_tokens", 256], sft_cache, log)
     # the step-3 record is written just before the step-3 evaluation begins
     took = sigterm_when(p, lambda: metrics_lines(out) >= 2 and any(
         json.loads(line).get("step") == 3 for line in open(out / "metrics.jsonl")))
