@@ -192,7 +192,7 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if gpu else "CPU (dry run)"
     shapes = SHAPES if gpu else TINY
     # the dry run only shows that every case works: short samples, so a CPU gets through it quickly
-    size = {"steps": args.steps, "batch": 8, "max_len": 2048} if gpu else {"steps": 5, "batch": 2, "max_len": 256}
+    size = {"steps": args.steps, "batch": 8, "max_len": 2048} if gpu else {"steps": 4, "batch": 2, "max_len": 128}
     budget_s = args.budget_s or (480 if gpu else 300)
     models, data = prepare(work, env, shapes, 2000 if gpu else 200)
     todo = [(shape, name, flags, config) for shape in shapes for name, flags, config in cases(gpu)]
