@@ -478,9 +478,9 @@ def time_section(report: Report, run, data_args, args, train_step, trial, setup_
 
 def measure_evaluation(run, data_args, trial) -> tuple[float, float]:
     """Seconds for the first evaluation and for each later one: the held-out loss on a few batches,
-    scaled to the whole sets, and one generate call a process, timed a step. A call takes as many
-    steps as its batch's longest reply: the untrained model's run to --max_new_tokens; a trained
-    one's about as long as the longest expected reply of the batch."""
+    scaled to the whole sets, and one generate call a process, whose time per new token scales to
+    every batch. A call runs as many tokens as its batch's longest reply: the untrained model's run
+    to --max_new_tokens; a trained one's about as long as the longest expected reply of the batch."""
     acc, args, tok, loss_s = run.accelerator, run.args, run.tokenizer, 0.0
     for dataset in run.eval_sets.values():
         n = min(len(dataset), 2 * args.per_device_eval_batch_size * acc.num_processes)
