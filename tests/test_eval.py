@@ -133,8 +133,9 @@ def test_sample_prompts_file_and_validation_split(tmp_path, sft_cache):
 
 def test_replies_generated_in_a_batch_are_those_generated_one_at_a_time(tiny_tok):
     """Prompts of different lengths, padded on the left in one generate call: each reply is the one
-    its prompt gets alone, cut at the stop token even when others in the batch go on; and the
-    batches evaluation makes are the same for one process as for three."""
+    its prompt gets alone, cut at the stop token even when others in the batch go on; evaluation's
+    batches are the prompts in length order, made from the cases alone (the processes take them in
+    turn, so how many there are does not change what is padded to what)."""
     import torch
 
     import train_loop
@@ -156,7 +157,6 @@ def test_replies_generated_in_a_batch_are_those_generated_one_at_a_time(tiny_tok
     assert generation.generate(model, tiny_tok, prompts, 12) == singles
     assert singles[1] == tiny_tok.decode(alone[1][:k + 1], skip_special_tokens=True)
     assert any(len(tiny_tok(r, add_special_tokens=False).input_ids) > k + 1 for r in singles)  # some went on
-    # the batches depend on the cases and the batch size only: processes take them in turn
     cases = [(p, None) for p in prompts * 3]
     batches = evaluation.reply_batches(cases, 5)
     assert [len(b) for b in batches] == [5, 5, 2]
