@@ -14,7 +14,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from collate import collate, collate_packed
+from collate import collate, collate_packed, packs_into_one_row
 from sftloop import runtime, sft_data
 
 
@@ -86,21 +86,24 @@ def epoch_rows(corpus, seed: int, epoch: int, global_batch_size: int, group_by_l
     return pool[epoch_order(len(pool), seed, epoch, global_batch_size, lengths)]
 
 
-def order_fingerprint(corpus, seed: int, epoch: int, global_batch_size: int, group_by_length: bool) -> str:
-    """A hash of an epoch's sample order and of how the samples were rendered (the template, the
-    reasoning and turn flags, the labelling code): recorded in each checkpoint, so that a resume
-    whose samples would differ (an edited epoch_order, other data, weights or flags) is refused,
-    not silently run."""
+def order_fingerprint(corpus, seed: int, epoch: int, global_batch_size: int, group_by_length: bool,
+                      packing: bool) -> str:
+    """A hash of an epoch's sample order, of how the samples were rendered (the template, the
+    reasoning and turn flags, the labelling code) and of whether they are packed: recorded in each
+    checkpoint, so that a resume whose batches would differ (an edited epoch_order, other data,
+    weights or flags) is refused, not silently run."""
     order = epoch_rows(corpus, seed, epoch, global_batch_size, group_by_length)
     h = hashlib.sha256(np.asarray(order, dtype=np.int64).tobytes())
     h.update(corpus.settings.encode())
+    if packing:  # (unpacked runs keep the fingerprints their checkpoints hold)
+        h.update(b"packed")
     return h.hexdigest()[:16]
 
 
 def collate_fn(data_args, pad_id: int, attn: str):
     if data_args.packing:
-        return partial(collate_packed, pad_id=pad_id, max_len=data_args.max_len,
-                       pad_to_multiple_of=data_args.pad_to_multiple_of, mask_4d="flash" not in attn)
+        return partial(collate_packed, pad_id=pad_id, one_row=packs_into_one_row(attn),
+                       pad_to_multiple_of=data_args.pad_to_multiple_of)
     return partial(collate, pad_id=pad_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
 
 

@@ -28,8 +28,9 @@ import transformers
 from accelerate.utils import set_seed
 
 import batches
-from collate import collate
-from sftloop import adapters, checkpoints, evaluation, lm_logits, loading, logs, plot_metrics, preflight, runtime, sft_data, storage
+from collate import collate, to_device
+from sftloop import (adapters, checkpoints, evaluation, lm_logits, loading, logs, packing, plot_metrics, preflight, runtime,
+                     sft_data, storage)
 from sftloop.args import parse_args
 
 log = logging.getLogger("sft")
@@ -248,7 +249,7 @@ def train(model_args, data_args, args) -> None:
         lr = learning_rate_at(step, run.total_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in micro_batches]
+        micro_batches = [to_device(b, accelerator.device) for b in micro_batches]
         runtime.phase(f"step {step + 1}")
         result = train_step(model, optimizer, micro_batches, accelerator, args, run.loss_fn, len(train_set.names))
         step += 1
@@ -296,12 +297,14 @@ class Run:
     sample_cases: list  # the prompts whose replies are printed at each evaluation
     evaluating: bool
     checkpoint_state: object  # checkpoint_state(step): what trainer_state.json records
+    data_order: object  # data_order(epoch): the fingerprint of that epoch's batches, which a resume must match
     global_batch: int
     steps_per_epoch: int
     total_steps: int
     eval_every: int
     pad_id: int
     attn_implementation: str
+    packing_probe: object  # packing.Probe with --packing: packed against unpacked log-probabilities, before step 1
     flops_per_token: float
     use_peft: bool
     merge_adapter: bool
@@ -327,9 +330,15 @@ def setup(model_args, data_args, args) -> Run:
     if note := runtime.idle_cores_note(accelerator):
         log.warning(note)
 
-    began = time.perf_counter()
     tokenizer = loading.load_tokenizer(model_args)
     end_of_turn = loading.end_of_turn_id(model_args, tokenizer)
+    # The model before the data, so that a model packing would train wrongly stops the run before a long tokenization.
+    model = load_model(model_args, tokenizer, data_args.max_len, end_of_turn)
+    loading.set_attention(model, packing.gpu_kernel(model_args.attn_implementation, data_args.packing, accelerator.device))
+    if data_args.packing:
+        packing.require_layers_apart(model, accelerator.device.type)
+
+    began = time.perf_counter()
     train_set, eval_sets = sft_data.load_splits(model_args, data_args, args.seed, tokenizer, accelerator, cache_shared)
     log.info("training data ready in %.1f s: %s", time.perf_counter() - began, sft_data.summary(train_set))
     eval_cases, sample_cases = evaluation.held_out_cases(eval_sets, tokenizer, args, end_of_turn)
@@ -339,7 +348,6 @@ def setup(model_args, data_args, args) -> Run:
     log.info("%d training samples per epoch, %d steps per epoch, %d optimizer steps%s", train_set.samples_per_epoch(),
              steps_per_epoch, total_steps, f", evaluating every {eval_every}" if eval_sets and eval_every else "")
 
-    model = load_model(model_args, tokenizer, data_args.max_len, end_of_turn)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -355,9 +363,15 @@ def setup(model_args, data_args, args) -> Run:
     chunk = lm_logits.chunk_size(hf_model, args, runtime.shards_parameters(accelerator),
                                  sft_data.first_samples(train_set, 1)[0], pad_id)
     loss_fn = partial(batch_loss, chunk_size=chunk)
+    probed = None
+    if data_args.packing:  # the model run on the first samples of the run, packed and not
+        first = batches.epoch_rows(train_set, args.seed, 0, global_batch, data_args.group_by_length)
+        probed = packing.require_samples_apart(model, sft_data.samples_at(train_set, first[:packing.PROBE_SAMPLES].tolist()),
+                                               pad_id, accelerator.device)
 
     def data_order(epoch: int) -> str:
-        return batches.order_fingerprint(train_set, args.seed, epoch, global_batch, data_args.group_by_length)
+        return batches.order_fingerprint(train_set, args.seed, epoch, global_batch, data_args.group_by_length,
+                                         data_args.packing)
 
     def checkpoint_state(step: int) -> dict:
         return {"global_step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
@@ -370,10 +384,11 @@ def setup(model_args, data_args, args) -> Run:
               evaluate=partial(evaluation.run_evaluation, model, tokenizer, eval_sets, eval_cases, sample_cases,
                                batch_loss=loss_fn, args=args, data_args=data_args, accelerator=accelerator),
               eval_cases=eval_cases, sample_cases=sample_cases,
-              evaluating=bool(eval_sets) or bool(sample_cases), checkpoint_state=checkpoint_state,
+              evaluating=bool(eval_sets) or bool(sample_cases), checkpoint_state=checkpoint_state, data_order=data_order,
               global_batch=global_batch, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
               eval_every=eval_every, pad_id=pad_id, attn_implementation=hf_model.config._attn_implementation or "eager",
-              flops_per_token=flops, use_peft=model_args.use_peft, merge_adapter=model_args.merge_adapter, args=args)
+              packing_probe=probed, flops_per_token=flops, use_peft=model_args.use_peft,
+              merge_adapter=model_args.merge_adapter, args=args)
     if resume_dir is not None:
         resuming = time.perf_counter()
         state = checkpoints.resume(accelerator, resume_dir, global_batch, args.seed, data_order, model_args.use_peft)

@@ -43,8 +43,12 @@ def has(module: str) -> bool:
 
 def cases(gpu: bool) -> list[tuple[str, list[str], str | None]]:
     """(name, flags, accelerate config or None), the same for every shape; CUDA-only ones on a GPU."""
-    out = [("padding", [], None), ("group_by_length", ["--group_by_length"], None),
-           ("packing (SDPA, block mask)", ["--packing"], None),
+    # Packing takes the samples' boundaries from the attention kernel: sdpa rows on a CPU; on a GPU
+    # (where sdpa would need a dense mask and is refused) flex attention, and flash attention's
+    # variable-length kernel where the package is installed.
+    packed = [("packing (flex attention)", ["--packing", "--attn_implementation", "flex_attention"], None)] if gpu \
+        else [("packing (sdpa)", ["--packing"], None)]
+    out = [("padding", [], None), ("group_by_length", ["--group_by_length"], None), *packed,
            ("whole-logit cross-entropy", ["--chunked_ce", "false"], None),
            ("gradient checkpointing", ["--gradient_checkpointing"], None),
            ("LoRA", ["--use_peft", "--merge_adapter", "false"], None),

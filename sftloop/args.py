@@ -37,7 +37,8 @@ class ModelArguments:
         "help": "system prompt for conversations without one (default: the template's own, if any)"})
     trust_remote_code: bool = field(default=False, metadata={"group": MODEL, "help": "run code shipped with the model"})
     attn_implementation: str | None = field(default=None, metadata={"group": MODEL, 
-        "help": "eager | sdpa | flash_attention_2 | ...; default: the model's own choice"})
+        "help": "eager | sdpa | flex_attention | flash_attention_2 | ...; default: the model's own choice (sdpa), "
+                "but with --packing on a GPU flash_attention_2 where flash-attn is installed, else flex_attention"})
     # LoRA and QLoRA through peft, with the names TRL and peft users know
     use_peft: bool = field(default=False, metadata={"group": LORA, "help": "train a LoRA adapter instead of all the weights"})
     lora_r: int = field(default=16, metadata={"group": LORA, "help": "LoRA rank"})
@@ -93,7 +94,10 @@ class DataArguments:
     group_by_length: bool = field(default=False, metadata={"group": SPEED, 
         "help": "put samples of similar length in the same step (within a shuffled window), so padding nearly vanishes"})
     packing: bool = field(default=False, metadata={"group": SPEED, 
-        "help": "pack the samples of each micro-batch into rows of up to --max_len tokens; attention stays within samples"})
+        "help": "no padding between samples: each micro-batch's samples one after the other (one row with flash or "
+                "flex attention, rows as wide as the longest sample with sdpa/eager), each attention layer kept within "
+                "each sample; a model whose layers would let samples see each other is refused "
+                "(docs/training.md#packing)"})
 
 
 @dataclass

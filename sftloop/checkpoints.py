@@ -249,7 +249,7 @@ def resumable(resume_dir, global_batch: int, seed: int, data_order, use_peft: bo
                          f"adapter); resume it {'with' if trained_with else 'without'} --use_peft and the same LoRA flags")
     if state.get("data_order", now) != now:
         raise SystemExit(f"error: {ckpt} was trained with another order of samples (data order {state['data_order']}, "
-                         f"now {now}): the data, --group_by_length or the batch order code (batches.py) "
+                         f"now {now}): the data, --group_by_length, --packing or the batch order code (batches.py) "
                          "changed, so resuming would not continue the same data. Restore them, or start a new run "
                          f"from its weights: --model_name_or_path {ckpt}")
     saved_by = engine_of(ckpt / "training_state")

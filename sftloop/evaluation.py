@@ -16,7 +16,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 import templates
-from collate import collate
+from collate import collate, to_device
 from sftloop import lm_logits, logs, runtime, sft_data
 from sftloop.generation import generate, prompt_ids
 from templates import IGNORE_INDEX
@@ -178,7 +178,7 @@ def evaluate(model, dataset, batch_loss, args, data_args, accelerator, pad_id: i
             model.train()
             return None
         batch = collate([dataset[i] for i in b], pad_id=pad_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = to_device(batch, accelerator.device)
         loss_sum += batch_loss(model, batch).detach().sum()
         tokens += lm_logits.num_targets(batch["labels"])
     model.train()

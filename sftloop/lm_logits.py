@@ -15,13 +15,16 @@ import logging
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from collate import collate
+from collate import collate, to_device
 from sftloop import runtime
 from sftloop.common import first_line
 from templates import IGNORE_INDEX
 
 log = logging.getLogger("sft")
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# A packed batch's sample boundaries (collate_packed) go to the model with it: flash attention's
+# variable-length kernel reads cu_seq_lens_* and max_length_*, the other kernels ignore them.
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                "max_length_k")
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -42,7 +45,9 @@ def targets_at(labels: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
 
 
 def model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    # No cache: training never needs one, and with a cache transformers does not look for packed
+    # samples in the position_ids (their masks would then span the whole row).
+    return {**{k: batch[k] for k in MODEL_INPUTS if k in batch}, "use_cache": False}
 
 
 def all_at_once(model, batch: dict, where: torch.Tensor) -> torch.Tensor:
@@ -125,7 +130,7 @@ def chunk_size(model, args, sharded: bool, sample: dict, pad_id: int) -> int | N
                  "own forward); logits are computed for the target positions only")
         return None
     device = next(model.parameters()).device
-    probe = {k: v.to(device) for k, v in collate([sample], pad_id=pad_id).items()}
+    probe = to_device(collate([sample], pad_id=pad_id), device)
     same, diff = keeps_the_models_logits(model, probe)
     if not same:
         log.warning("chunked cross-entropy is off: for %s its logits differ from the model's own forward (max abs "

@@ -45,9 +45,9 @@ def end_of_turn_id(model_args, tokenizer) -> int:
 
 
 def load_pretrained(model_args):
-    # weights only from safetensors: a pickle (.bin) can run code when loaded
-    extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
-    dtype = torch.float32
+    # weights only from safetensors: a pickle (.bin) can run code when loaded; the attention kernel is
+    # set_attention's (the same for the built-in model)
+    extra, dtype = {}, torch.float32
     if model_args.load_in_4bit:  # QLoRA: the base in 4-bit NF4, the rest (norms, LM head) in bf16
         extra["quantization_config"], dtype = quantization_config(), torch.bfloat16
     try:
@@ -57,6 +57,17 @@ def load_pretrained(model_args):
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load a model with safetensors weights from "
                          f"{model_args.model_name_or_path}: {first_line(e, 1000)}") from None
+
+
+def set_attention(model, kernel: str | None) -> None:
+    """--attn_implementation (eager, sdpa, flex_attention, flash_attention_2, ...), or the model's own
+    choice with None; a kernel this machine lacks is one line naming it."""
+    if kernel is None or kernel == model.config._attn_implementation:
+        return
+    try:
+        model.set_attn_implementation(kernel)
+    except (ImportError, ValueError) as e:
+        raise SystemExit(f"error: --attn_implementation {kernel}: {first_line(e, 300)}") from None
 
 
 def quantization_config():

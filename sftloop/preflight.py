@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 import batches
 import templates
-from collate import collate
+from collate import micro_batch_shape, packs_into_one_row, to_device
 from sftloop import checkpoints, evaluation, lm_logits, loading, runtime, sft_data
 
 GiB = 2**30
@@ -257,7 +257,7 @@ def first_step(run, data_args) -> list[dict]:
     acc = run.accelerator
     _, micro_batches = next(batches.steps(run.train_set, run.args, data_args, acc.process_index, acc.num_processes,
                                           run.pad_id, 0, 1, run.attn_implementation))
-    return [{k: v.to(acc.device) for k, v in b.items()} for b in micro_batches]
+    return [to_device(b, acc.device) for b in micro_batches]
 
 
 def _loss_sums(run, micro_batches: list[dict]) -> tuple[float, float]:
@@ -288,34 +288,29 @@ def loss_section(report: Report, run, model_args, data_args, first: list[dict]) 
         report.add("warning", "loss", f"{said}: worse than a uniform guess", "is the tokenizer the model's own?")
     else:
         report.add("fact", "loss", said)
-    if data_args.packing:
-        packed, _ = _loss_sums(run, first[:1])
-        rows = first[0]["sample_id"].tolist()
-        plain = {k: v.to(run.accelerator.device)
-                 for k, v in collate(sft_data.samples_at(run.train_set, rows), pad_id=run.pad_id).items()}
-        unpacked, _ = _loss_sums(run, [plain])
-        tolerance = 2e-2 if run.accelerator.mixed_precision != "no" else 1e-3
-        agree = abs(packed - unpacked) <= tolerance * max(1.0, abs(unpacked))
-        report.add("fact" if agree else "fatal", "loss", f"packed and unpacked loss of the first micro-batch: "
-                   f"{packed:.4f} and {unpacked:.4f} ({'agree' if agree else 'differ'})",
-                   "" if agree else "attention crosses samples in a packed row: turn --packing off or use sdpa/flash")
+    if data_args.packing:  # measured by the set-up before the first step (it refuses a leak: a fatal finding then)
+        probed = run.packing_probe
+        report.numbers.update(packing_max_logprob_diff=probed.max_diff, packing_tolerance=probed.tolerance)
+        report.add("fact", "loss", f"--packing keeps samples apart in {type(runtime.unwrapped(run.model)).__name__} "
+                   f"({run.attn_implementation} attention): {probed}")
 
 
 def planned_widths(run, data_args) -> np.ndarray:
-    """Padded tokens of every micro-batch of the run: [step, process, micro-batch], from the sample
-    lengths, dealt out by batches.py as the run will."""
+    """Tokens (padding included) of every micro-batch of the run: [step, process, micro-batch], from
+    the sample lengths, dealt out by batches.py and laid out by collate.py as the run will."""
     corpus, args, world = run.train_set, run.args, run.accelerator.num_processes
     gas, total, per_epoch = args.gradient_accumulation_steps, run.total_steps, run.steps_per_epoch
+    one_row = packs_into_one_row(run.attn_implementation)
     widths = np.zeros((total, world, gas), dtype=np.int64)
     for epoch in range(-(-total // per_epoch)):
         order = batches.epoch_rows(corpus, args.seed, epoch, run.global_batch, data_args.group_by_length)
         for k in range(min(per_epoch, total - epoch * per_epoch)):
             for rank in range(world):
                 for m, rows in enumerate(batches.step_micro_batches(order, k, run.global_batch, rank, world, gas)):
-                    lengths = corpus.lengths[rows]
-                    if len(rows):
-                        widths[epoch * per_epoch + k, rank, m] = lengths.sum() if data_args.packing else \
-                            len(rows) * lengths.max()
+                    if rows:
+                        n, width = micro_batch_shape(corpus.lengths[rows].tolist(), data_args.packing, one_row,
+                                                     data_args.pad_to_multiple_of)
+                        widths[epoch * per_epoch + k, rank, m] = n * width
     return widths
 
 
@@ -361,7 +356,7 @@ def memory_section(report: Report, run, model_args, data_args, args, train_step,
     step, rank, micro = np.unravel_index(int(np.argmax(widths)), widths.shape)
     rows = _rows_of(run, data_args, int(step), int(rank), int(micro))
     worst = batches.collate_fn(data_args, run.pad_id, run.attn_implementation)(sft_data.samples_at(run.train_set, rows))
-    worst = {k: v.to(device) for k, v in worst.items()}
+    worst = to_device(worst, device)
     shape = "x".join(map(str, worst["input_ids"].shape))
     # What backward keeps of the forward (activations), counted tensor by tensor as autograd saves them:
     # the same on any device, and unlike a process's resident size not hidden by memory it freed before.
@@ -444,7 +439,7 @@ def time_section(report: Report, run, data_args, args, train_step, trial, setup_
     for _, micro_batches in batches.steps(run.train_set, args, data_args, acc.process_index, acc.num_processes,
                                           run.pad_id, 0, min(max(args.check_steps, 100), run.total_steps),
                                           run.attn_implementation):
-        micro_batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
+        micro_batches = [to_device(b, device) for b in micro_batches]
         result = train_step(run.model, run.optimizer, micro_batches, acc, args, run.loss_fn)
         tokens, timed, targets = tokens + sum(b["input_ids"].numel() for b in micro_batches), timed + 1, result.target_tokens
         if timed >= args.check_steps and runtime.reduce_sums(acc, {"late": float(time.perf_counter() - began > 3)})["late"]:
@@ -568,10 +563,8 @@ def resume_section(report: Report, run, model_args, data_args, args) -> None:
         return
     if run is None:
         return
-    order = lambda epoch: batches.order_fingerprint(run.train_set, args.seed, epoch, run.global_batch,  # noqa: E731
-                                                    data_args.group_by_length)
     try:
-        state = checkpoints.resumable(target, run.global_batch, args.seed, order, model_args.use_peft,
+        state = checkpoints.resumable(target, run.global_batch, args.seed, run.data_order, model_args.use_peft,
                                       runtime.engine(run.accelerator))
     except SystemExit as e:
         report.add("fatal", "resume", f"resuming would stop: {_message(e)}", "see the message")

@@ -13,7 +13,7 @@ def test_the_gpu_benchmark_runs_end_to_end_on_a_cpu(tmp_path, sft_cache):
     p = run_cmd([sys.executable, "-m", "bench.gpu", "--dry_run", "--out", tmp_path, "--budget_s", "3000"], sft_cache)
     r = json.loads((tmp_path / "gpu.json").read_text())
     cases = {x["case"]: x for x in r["results"]}
-    assert set(cases) == {"padding", "group_by_length", "packing (SDPA, block mask)", "whole-logit cross-entropy",
+    assert set(cases) == {"padding", "group_by_length", "packing (sdpa)", "whole-logit cross-entropy",
                           "gradient checkpointing", "LoRA", "DeepSpeed ZeRO-2, 1 process", "transformers.Trainer"}
     for name, x in cases.items():
         assert x["stopped"] is None and x["target_tokens_per_s"] > 0, (name, x, p.stdout[-3000:])

@@ -46,7 +46,7 @@ def test_each_target_token_keeps_its_source_padded_or_packed():
     samples = [{"input_ids": list(range(10, 10 + n)), "labels": [-100] * 2 + list(range(12, 10 + n)), "sample_id": i,
                 "source": i % 3} for i, n in enumerate([5, 9, 3, 7, 4])]
     plain = collate(samples, pad_id=0)
-    packed = collate_packed(samples, pad_id=0, max_len=16)
+    packed = collate_packed(samples, pad_id=0)
     assert packed["input_ids"].shape[0] < plain["input_ids"].shape[0]
     counts = [logs.source_sums([torch.zeros(int(lm_logits.num_targets(b["labels"])))], [b], 3) for b in (plain, packed)]
     assert torch.equal(counts[0], counts[1])

@@ -73,8 +73,8 @@ def test_mixture_steps_depend_only_on_seed_and_global_batch_with_grouping(tmp_pa
     for group in (False, True):
         ref = step_sets(8, 1, 1, group)
         assert all(step_sets(*split, group) == ref for split in [(2, 4, 1), (4, 1, 2), (1, 2, 4)])
-    assert batches.order_fingerprint(corpus, 5, 1, 8, False) != batches.order_fingerprint(
-        corpus_of([f"{a}:0.5", f"{b}:3.0", f"{c}:10"], tiny_tok, tmp_path / "cache"), 5, 1, 8, False)
+    assert batches.order_fingerprint(corpus, 5, 1, 8, False, False) != batches.order_fingerprint(
+        corpus_of([f"{a}:0.5", f"{b}:3.0", f"{c}:10"], tiny_tok, tmp_path / "cache"), 5, 1, 8, False, False)
 
 
 @pytest.mark.parametrize("spec, message", [

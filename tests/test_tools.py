@@ -171,8 +171,8 @@ def test_the_cache_key_and_the_resume_fingerprint_cover_the_rendering_flags(tmp_
                for mode in ("inline", "drop")}
     inline, drop = (sft_data.first_samples(c)[0]["input_ids"] for c in corpora.values())
     assert inline != drop and len(inline) > len(drop)
-    assert batches.order_fingerprint(corpora["inline"], 1, 0, 1, False) != \
-        batches.order_fingerprint(corpora["drop"], 1, 0, 1, False)
+    assert batches.order_fingerprint(corpora["inline"], 1, 0, 1, False, False) != \
+        batches.order_fingerprint(corpora["drop"], 1, 0, 1, False, False)
 
 
 def test_exact_match_expects_the_whole_turn_the_model_must_produce(tmp_path, qwen_tok, qwen3_tok):
@@ -234,19 +234,19 @@ def test_dump_samples_writes_what_the_loop_trains_and_trains_nothing(tmp_path, s
 def test_agent_data_on_two_processes_trains_and_resumes_the_expanded_samples_as_one_process_does(tmp_path, sft_cache,
                                                                                                  qwen3_tok):
     """Qwen3 agent conversations, one sample per query: an epoch of one process draws each expanded
-    sample once; its step-2 checkpoint resumed under accelerate launch with 2 processes, grouped by
-    length and packed, goes on with the same samples and the same losses."""
+    sample once; its step-2 checkpoint resumed under accelerate launch with 2 processes (grouped by
+    length and packed, as it was trained) goes on with the same samples and the same losses."""
     data = tmp_path / "agent.jsonl"
     data.write_text("".join(json.dumps(AGENT[n]) + "\n" for n in AGENT for _ in range(2)))  # 20 samples
     args = ["--train_files", data, "--tokenizer_name_or_path", qwen3_tok.name_or_path, "--template", "qwen3",
             "--max_steps", 5, "--save_steps", 2, "--optim", "sgd", "--learning_rate", 0.5, "--log_sample_ids",
-            "--group_by_length"]
+            "--group_by_length", "--packing"]
     one, two = tmp_path / "one", tmp_path / "two"
     p = train(["--output_dir", one, "--per_device_train_batch_size", 4, *args], sft_cache)
     assert "8 train conversations became 20 samples" in p.stderr
     ids = {r["step"]: r["sample_ids"] for r in map(json.loads, open(one / "sample_ids.jsonl"))}
     assert sorted(i for step in ids.values() for i in step) == list(range(20))
-    launch("cpu_ddp.yaml", ["--output_dir", two, "--per_device_train_batch_size", 2, "--packing", *args,
+    launch("cpu_ddp.yaml", ["--output_dir", two, "--per_device_train_batch_size", 2, *args,
                             "--resume_from_checkpoint", one / "checkpoint-2"], sft_cache)
     resumed = {r["step"]: r["sample_ids"] for r in map(json.loads, open(two / "sample_ids.jsonl"))}
     assert resumed == {s: i for s, i in ids.items() if s > 2}
