@@ -74,13 +74,18 @@ class DataArguments:
     truncation: Literal["keep_start", "drop"] = field(default="keep_start", metadata={"group": DATA, 
         "help": "a sample longer than --max_len: keep_start (its first max_len tokens) or drop (leave it out: "
                 "no reply cut mid-sentence); either way the count is reported"})
+    max_cut_share: float = field(default=0.05, metadata={"group": DATA,
+        "help": "stop (and --check is fatal) when --max_len cuts more than this share of the samples: every trained token "
+                "(such a sample is left out) or the end of a trained reply (trained up to the cut); each is counted, "
+                "the first named by file:line (docs/data.md)"})
     preprocessing_num_workers: int | None = field(default=None, metadata={"group": DATA, "help": "processes for tokenization"})
     preprocessing_cache_dir: str | None = field(default=None, metadata={"group": DATA, 
         "help": "where tokenized data is cached (default: $SFT_CACHE or ~/.cache/sft-loop)"})
     cache_on_each_node: bool = field(default=False, metadata={"group": NODES, 
         "help": "several nodes whose cache directories are node-local disks: tokenize once on each node into "
                 "its own cache (without it, a cache the nodes do not share is an error)"})
-    skip_invalid_samples: bool = field(default=False, metadata={"group": DATA, "help": "skip bad records instead of stopping"})
+    skip_invalid_samples: bool = field(default=False, metadata={"group": DATA,
+        "help": "skip malformed records instead of stopping (samples --max_len cuts: --max_cut_share)"})
     train_on_turns: Literal["all", "last"] = field(default="all", metadata={"group": DATA,
         "help": "all: every assistant turn is trained once (a template that rewrites earlier turns, as Qwen3's, "
                 "makes one sample per user query); last: only the turns after the last user query (one sample)"})
@@ -187,8 +192,6 @@ class TrainArguments:
         "help": "the memory to fit in (default: the GPU's, or this machine's RAM)"})
     check_free_disk_gb: float | None = field(default=None, metadata={"group": CHECK,
         "help": "the free space for checkpoints and the model (default: measured where output_dir is)"})
-    check_max_cut_share: float = field(default=0.05, metadata={"group": CHECK,
-        "help": "fatal when more than this share of samples loses its end of turn (or every trained token) to --max_len"})
 
 
 def config_file_args(path: str) -> list[str]:

@@ -114,24 +114,18 @@ def data_section(report: Report, run, data_args, args) -> None:
     trained = float(columns["num_targets"][usable].sum() / max(1, lengths.sum()))
     report.add("fact", "data", f"sample length in tokens (after --max_len {data_args.max_len}): median {p50}, 90% {p90}, "
                f"99% {p99}, longest {int(lengths.max())}; {trained:.1%} of the tokens are trained")
-    # Cut by --max_len: inside a trained reply (its end of turn is lost), or every trained token (the
-    # run refuses those unless --skip_invalid_samples, which leaves them out: counted here).
-    cut = np.flatnonzero(usable & columns["truncated"])
-    lost_all = int(np.count_nonzero(columns["truncated"] & (columns["num_targets"] == 0) & ~error))
-    last_labels = [row[-1] for row in corpus.dataset.select(cut)["labels"]] if len(cut) else []
-    lost_end = int(sum(label != templates.IGNORE_INDEX for label in last_labels))
-    share = (lost_end + lost_all) / max(1, int(usable.sum()) + lost_all)
-    report.numbers.update(samples=int(usable.sum()), cut_samples=len(cut), lost_end_of_turn=lost_end,
-                          lost_every_trained_token=lost_all, trained_token_share=round(trained, 4))
-    text = (f"--max_len {data_args.max_len} cuts {len(cut) + lost_all} samples: {lost_end} lose the end of a trained "
-            f"reply (its end-of-turn token), {lost_all} every trained token ({share:.1%} of the samples)")
-    if share > args.check_max_cut_share:
-        report.add("fatal", "data", text + f", above --check_max_cut_share {args.check_max_cut_share}",
-                   "raise --max_len, or --truncation drop to leave them out")
-    elif len(cut) or lost_all:
-        report.add("warning", "data", text, "raise --max_len, or --truncation drop to leave them out")
+    # What --max_len cuts: counted by the rule the run applies (sft_data.max_len_cuts), which would have
+    # stopped the set-up above --max_cut_share (reported then as the run's refusal).
+    cut = corpus.cut
+    longer = int(np.count_nonzero(usable & columns["truncated"]))
+    report.numbers.update(samples=int(usable.sum()), cut_samples=longer, lost_end_of_turn=cut["lost_end_of_reply"],
+                          lost_every_trained_token=cut["left_out"], trained_token_share=round(trained, 4), max_len_cuts=cut)
+    if cut["share"]:
+        report.add("warning", "data", f"{cut['said']} (up to --max_cut_share {cut['max_cut_share']} goes on)",
+                   "raise --max_len, or --truncation drop to leave out every sample longer than it")
     else:
-        report.add("fact", "data", f"--max_len {data_args.max_len} cuts no sample")
+        report.add("fact", "data", f"--max_len {data_args.max_len} cuts no trained token"
+                   + (f" ({longer} longer samples lose only untrained tokens)" if longer else ""))
     if run.eval_sets:
         report.add("fact", "data", "validation: " + ", ".join(f"{name} {len(d)} samples" for name, d in run.eval_sets.items()))
     rows = np.concatenate(corpus.rows)[:args.check_samples].tolist()

@@ -42,6 +42,7 @@ class Corpus:
     lengths: np.ndarray           # tokens of every row (for --group_by_length)
     settings: str = ""            # the hash of what decided the tokens but the data (the cache key's part)
     tokenized_now: tuple = ()     # (origin, records, seconds) of each origin tokenized by this load (not cached)
+    cut: dict = dataclasses.field(default_factory=dict)  # what --max_len cut (max_len_cuts), for the log and --check
 
     @property
     def names(self) -> list[str]:
@@ -175,7 +176,8 @@ def column(dataset: datasets.Dataset, name: str, dtype=None) -> np.ndarray:
 
 def load_corpus(entries: list[dict], tokenizer, *, template: str, max_len: int, system_prompt: str | None,
                 cache_dir: Path, num_proc: int | None = None, skip_invalid: bool = False, truncation: str = "keep_start",
-                reasoning: str = "keep", turns: str = "all", what: str = "train", flag: str = "--train_files") -> Corpus:
+                max_cut_share: float = 0.05, reasoning: str = "keep", turns: str = "all", what: str = "train",
+                flag: str = "--train_files") -> Corpus:
     """Every source tokenized (or read from the cache), bad records reported (or skipped), and for
     each source the rows that may be drawn and how many are drawn per epoch."""
     sources = resolve_all(entries, flag)
@@ -215,15 +217,8 @@ def load_corpus(entries: list[dict], tokenizer, *, template: str, max_len: int, 
         log.info("%d %s conversations became %d samples (--template %s renders earlier turns differently as a "
                  "conversation grows, so each user query's turns are a sample of their own: every turn trained once, "
                  "as generated)", conversations, what, int(usable.sum()), template)
-    cut_out = np.flatnonzero(~usable & truncated)  # every trained token beyond max_len (errors are never truncated)
-    if len(cut_out) and truncation != "drop":  # (with drop, every sample longer than max_len is left out below)
-        places = _places(dataset, origins, origin_starts, cut_out[:MAX_REPORTED])
-        problems = [f"{where}: longer than --max_len={max_len}, and every trained token lies beyond it" for where in places]
-        if not skip_invalid:
-            raise DataProblems(report_problems(problems, len(cut_out)) + "\n(raise --max_len, pass --truncation drop to "
-                               "leave out every sample longer than it, or --skip_invalid_samples to skip these)")
-        log.warning("Skipped %d %s sample(s) of %d whose every trained token lies beyond max_len=%d "
-                    "(--skip_invalid_samples); the first: %s", len(cut_out), what, len(dataset), max_len, problems[0])
+    cut = max_len_cuts(dataset, usable, truncated, max_len, truncation, max_cut_share, what,
+                       partial(_places, dataset, origins, origin_starts))
     long = truncated if truncation == "drop" else truncated & usable
     if long.any():
         counts = [int(np.count_nonzero(long[a:b])) for a, b in zip(source_starts[:-1], source_starts[1:])]
@@ -243,7 +238,42 @@ def load_corpus(entries: list[dict], tokenizer, *, template: str, max_len: int, 
                                f"long for --truncation drop, or no trainable token within max_len={max_len})")
     return Corpus(dataset=dataset, sources=sources, rows=rows, counts=plan_counts(sources, rows, flag),
                   origin_starts=origin_starts, source_starts=source_starts, lengths=column(dataset, "length", np.int32),
-                  settings=settings, tokenized_now=tuple(fresh))
+                  settings=settings, tokenized_now=tuple(fresh), cut=cut)
+
+
+def max_len_cuts(dataset: datasets.Dataset, usable: np.ndarray, truncated: np.ndarray, max_len: int, truncation: str,
+                 max_cut_share: float, what: str, places) -> dict:
+    """The one rule for samples --max_len cuts (docs/data.md#truncation). Under
+    --truncation keep_start a sample longer than max_len keeps its first max_len tokens, which can
+    cost it every trained token (it would train nothing: left out here, from `usable`) or the end of
+    a trained reply (its end-of-turn token: kept, trained up to the cut). Both are counted, with the
+    first places, in the log and for --check; when they are more than max_cut_share of the samples
+    the run stops. (--truncation drop leaves out every longer sample, counted by the caller.)"""
+    none = np.zeros(0, dtype=np.int64)
+    if truncation == "drop":  # every longer sample is left out whole (the caller counts them): none is cut
+        left_out = lost_end = none
+    else:
+        left_out = np.flatnonzero(~usable & truncated)  # num_targets 0 within max_len (errors are never truncated)
+        kept = np.flatnonzero(usable & truncated)
+        # a truncated sample is max_len tokens long: its last label says whether the cut fell inside a reply
+        last = pc.list_element(dataset.data.column("labels").take(kept), max_len - 1).to_numpy(zero_copy_only=False) \
+            if len(kept) else none
+        lost_end = kept[last != IGNORE_INDEX]
+    samples = int(usable.sum()) + len(left_out)
+    share = (len(left_out) + len(lost_end)) / max(1, samples)
+    first = list(places(np.concatenate([left_out, lost_end])[:MAX_REPORTED])) if share else []
+    said = (f"--max_len {max_len} cuts {len(left_out) + len(lost_end)} of {samples} {what} samples ({share:.2%}): "
+            f"{len(left_out)} lose every trained token (left out), {len(lost_end)} the end of a trained reply (trained "
+            f"up to the cut); the first: {', '.join(first[:3])}")
+    cut = {"samples": samples, "left_out": len(left_out), "lost_end_of_reply": len(lost_end), "share": round(share, 6),
+           "max_cut_share": max_cut_share, "first": first, "said": said if share else ""}
+    if share > max_cut_share:
+        raise DataProblems(f"{said}. That is more than --max_cut_share {max_cut_share}: raise --max_len, pass "
+                           "--truncation drop to leave out every sample longer than it (no reply cut), or raise "
+                           "--max_cut_share to train on the rest")
+    if share:
+        log.warning("%s (up to --max_cut_share %s goes on)", said, max_cut_share)
+    return cut
 
 
 def plan_counts(sources: list[Source], rows: list[np.ndarray], flag: str = "--train_files") -> list[int]:
@@ -360,7 +390,8 @@ def load_splits(model_args, data_args, seed: int, tokenizer, accelerator, cache_
     load = partial(load_corpus, tokenizer=tokenizer, template=model_args.template, max_len=data_args.max_len,
                    system_prompt=model_args.system_prompt, cache_dir=cache_dir_of(data_args),
                    num_proc=data_args.preprocessing_num_workers, skip_invalid=data_args.skip_invalid_samples,
-                   truncation=data_args.truncation, reasoning=data_args.reasoning, turns=data_args.train_on_turns)
+                   truncation=data_args.truncation, max_cut_share=data_args.max_cut_share, reasoning=data_args.reasoning,
+                   turns=data_args.train_on_turns)
     with accelerator.main_process_first() if cache_shared else accelerator.local_main_process_first():
         try:
             train_entries, eval_entries = [{"spec": f} for f in data_args.train_files or []], []

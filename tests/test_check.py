@@ -85,20 +85,24 @@ def test_a_doubled_bos_is_fatal(tmp_path, sft_cache):
                           "(the rest comes from the text of the data)"]
 
 
-def test_replies_cut_away_by_max_len_are_fatal(tmp_path, sft_cache, data):
-    out = tmp_path / "o"
-    p = train(["--output_dir", out, "--train_files", data, "--max_len", 16, "--check", *SMALL], sft_cache, check=False)
-    assert p.returncode == 1
-    [said] = fatal(out)
-    assert said.startswith("the run would stop here: ") and "every trained token lies beyond it" in said
-    # the samples that lose their end of turn are counted against --check_max_cut_share
-    cut = ["--output_dir", out, "--train_files", data, "--max_len", 48, "--check", *SMALL]
-    train(cut, sft_cache, check=False)
-    [said] = fatal(out)
-    assert said.startswith("--max_len 48 cuts 12 samples: 12 lose the end of a trained reply (its end-of-turn token), "
-                           "0 every trained token (50.0% of the samples), above --check_max_cut_share 0.05")
-    train([*cut, "--check_max_cut_share", 0.6], sft_cache)
-    assert any(f["level"] == "warning" and f["text"].startswith("--max_len 48 cuts 12") for f in report(out)["findings"])
+def test_samples_cut_by_max_len_get_the_runs_own_verdict(tmp_path, sft_cache, data):
+    """One rule for the run and the check (sft_data.max_len_cuts): the same data stops both, with the
+    same message, or lets both go on with the same count."""
+    out, run = tmp_path / "o", ["--train_files", data, *SMALL]
+    for max_len, said in [(16, "--max_len 16 cuts 24 of 24 train samples (100.00%): 24 lose every trained token"),
+                          (48, "--max_len 48 cuts 12 of 24 train samples (50.00%): 0 lose every trained token "
+                               "(left out), 12 the end of a trained reply")]:
+        checked = train(["--output_dir", out, *run, "--max_len", max_len, "--check"], sft_cache, check=False)
+        [finding] = fatal(out)
+        ran = train(["--output_dir", tmp_path / f"run{max_len}", *run, "--max_len", max_len], sft_cache, check=False)
+        assert checked.returncode == ran.returncode == 1 and said in finding and said in ran.stderr
+        assert finding == "the run would stop here: " + ran.stderr.strip().splitlines()[-1][len("error: "):]
+    train(["--output_dir", out, *run, "--max_len", 48, "--max_cut_share", 0.6, "--check"], sft_cache)
+    r = report(out)
+    assert r["numbers"]["max_len_cuts"]["lost_end_of_reply"] == 12 and r["numbers"]["max_len_cuts"]["first"]
+    assert any(f["level"] == "warning" and f["text"].startswith("--max_len 48 cuts 12 of 24") for f in r["findings"])
+    ran = train(["--output_dir", tmp_path / "goes_on", *run, "--max_len", 48, "--max_cut_share", 0.6], sft_cache)
+    assert "--max_len 48 cuts 12 of 24 train samples (50.00%)" in ran.stderr
 
 
 def test_a_batch_that_does_not_fit_in_memory_is_fatal_with_the_levers(tmp_path, sft_cache, data):

@@ -1,6 +1,7 @@
 """Reading files, caching the tokenized data, and which samples form each optimizer step."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -54,21 +55,45 @@ def test_second_run_reads_the_cache_instead_of_tokenizing(tmp_path, qwen_tok, mo
     assert calls
 
 
-def test_a_sample_whose_every_trained_token_is_cut_by_max_len_is_named_or_skipped(tmp_path, qwen_tok, caplog):
+def test_samples_max_len_cuts_are_left_out_and_counted_and_stop_the_run_only_above_max_cut_share(tmp_path, qwen_tok,
+                                                                                                   caplog):
+    """One rule (sft_data.max_len_cuts): a sample whose every trained token lies beyond --max_len trains
+    nothing and is left out, counted with its place; above --max_cut_share of the samples the run
+    stops naming the share, the threshold, the places and the ways out. --skip_invalid_samples, which
+    is about malformed records, changes nothing here."""
     long_prompt = {"conversations": [{"from": "human", "value": "word " * 200}, {"from": "assistant", "value": "ok"}]}
     f = write_jsonl(tmp_path / "t.jsonl", [BELLE, long_prompt, OPENAI])
-    with pytest.raises(sources.DataProblems, match=r"1 problem\(s\) in the data:\n  .*t\.jsonl:2: longer than "
-                                                   r"--max_len=64, and every trained token lies beyond it"):
-        prepare([f], qwen_tok, tmp_path / "cache", max_len=64)
+    said = r"--max_len 64 cuts 1 of 3 train samples \(33\.33%\): 1 lose every trained token \(left out\), 0 the end of a " \
+           r"trained reply \(trained up to the cut\); the first: .*t\.jsonl:2"
+    for skip in (False, True):
+        with pytest.raises(sources.DataProblems, match=said + r"\. That is more than --max_cut_share 0\.05: raise "
+                           r"--max_len, pass --truncation drop .*, or raise --max_cut_share to train on the rest"):
+            prepare([f], qwen_tok, tmp_path / "cache", max_len=64, skip_invalid=skip)
     with caplog.at_level("WARNING", logger="sft"):
-        ds = prepare([f], qwen_tok, tmp_path / "cache", max_len=64, skip_invalid=True)
+        ds = prepare([f], qwen_tok, tmp_path / "cache", max_len=64, max_cut_share=0.4)
     assert [row["sample_id"] for row in ds] == [0, 2]
     assert all(len(row["input_ids"]) <= 64 for row in ds)
-    assert "Skipped 1 train sample(s) of 3 whose every trained token lies beyond max_len=64" in caplog.text
+    assert re.search(said + r" \(up to --max_cut_share 0\.4 goes on\)", caplog.text)
     with caplog.at_level("WARNING", logger="sft"):  # --truncation drop leaves it out with the other long ones
         ds = prepare([f], qwen_tok, tmp_path / "cache", max_len=64, truncation="drop")
     assert [row["sample_id"] for row in ds] == [0, 2]
     assert "Dropped 1 train sample(s) longer than max_len=64 (--truncation drop)" in caplog.text
+
+
+def test_a_reply_that_loses_its_end_counts_against_max_cut_share_too(tmp_path, qwen_tok, caplog):
+    """A sample cut inside a trained reply keeps its start and trains up to the cut; it counts toward
+    --max_cut_share with those cut away entirely, as --check counts it."""
+    long_reply = {"conversations": [{"from": "human", "value": "hi"}, {"from": "assistant", "value": "word " * 200}]}
+    f = write_jsonl(tmp_path / "t.jsonl", [BELLE, long_reply, OPENAI, BELLE])
+    with caplog.at_level("WARNING", logger="sft"):
+        corpus = sft_data.load_corpus([{"spec": f}], qwen_tok, template="qwen2.5", max_len=64, system_prompt=None,
+                                      cache_dir=tmp_path / "cache", max_cut_share=0.3)
+    assert corpus.cut == {"samples": 4, "left_out": 0, "lost_end_of_reply": 1, "share": 0.25, "max_cut_share": 0.3,
+                          "first": [f"{f}:2"], "said": corpus.cut["said"]}
+    assert sum(len(r) for r in corpus.rows) == 4 and "1 the end of a trained reply" in caplog.text
+    with pytest.raises(sources.DataProblems, match="more than --max_cut_share 0.2"):
+        sft_data.load_corpus([{"spec": f}], qwen_tok, template="qwen2.5", max_len=64, system_prompt=None,
+                             cache_dir=tmp_path / "cache", max_cut_share=0.2)
 
 
 @pytest.mark.parametrize("content, match", [

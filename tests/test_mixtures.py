@@ -175,9 +175,11 @@ def test_sources_of_another_kind_are_clear_errors(tmp_path, tiny_tok, monkeypatc
 
 
 def test_truncation_keep_start_or_drop_reports_the_count(tmp_path, tiny_tok, caplog):
+    """Two of four replies lose their end to --max_len: kept and counted under keep_start (up to
+    --max_cut_share; 50% stops the run at the default 5%, tests/test_data.py), left out under drop."""
     f = write(tmp_path / "t.jsonl", [conv(0), conv(1, reply_words=300), conv(2), conv(3, reply_words=300)])
     with caplog.at_level("INFO", logger="sft"):
-        kept = corpus_of([f], tiny_tok, tmp_path / "cache", max_len=64)
+        kept = corpus_of([f], tiny_tok, tmp_path / "cache", max_len=64, max_cut_share=0.5)
     assert kept.rows[0].tolist() == [0, 1, 2, 3]
     assert "2 train sample(s) longer than max_len=64 keep their first 64 tokens (--truncation keep_start" in caplog.text
     caplog.clear()
