@@ -86,6 +86,7 @@ def test_each_tokens_log_probability_packed_equals_the_sample_alone(arch, attn):
     if not one_row:  # sdpa and eager: rows as wide as the longest sample (40: 48 with the padding), [40] [30 3] [13]
         assert packed["input_ids"].shape == (3, 48)
     lp = next_token_log_probs(model, packed)
+    model.config._attn_implementation = "eager"  # the reference: each sample alone, unpadded, needs no mask at all
     width = packed["input_ids"].shape[1]
     for r, row in enumerate(pack_rows(lengths, None if one_row else max(lengths))):
         at = 0
@@ -95,13 +96,12 @@ def test_each_tokens_log_probability_packed_equals_the_sample_alone(arch, attn):
             assert (lp[r, at:at + n - 1] - alone).abs().max() < 1e-5, (arch, attn, i)
             at += n
         assert at <= width
-    assert not packing.probe(model, s, 0, torch.device("cpu")).leaks
-    assert packing.refusal(model, "cpu") is None
 
 
 @pytest.mark.parametrize("arch, attn", GRADIENT_CASES)
 def test_packed_loss_and_gradients_equal_the_padded_batchs(arch, attn):
-    """Through the loop's own loss (train_loop.batch_loss: what every step calls)."""
+    """Through the loop's own loss (train_loop.batch_loss: what every step calls); the refusal and the
+    probe let the model pack."""
     s = samples()
     results = []
     for batch in (collate(s, pad_id=0), collate_packed(s, pad_id=0, one_row=packs_into_one_row(attn))):
@@ -110,6 +110,7 @@ def test_packed_loss_and_gradients_equal_the_padded_batchs(arch, attn):
         loss.backward()
         results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (padded, g_padded), (packed, g_packed) = results
+    assert packing.refusal(model, "cpu") is None and not packing.probe(model, s, 0, torch.device("cpu")).leaks
     assert packed == pytest.approx(padded, rel=1e-5)
     assert g_packed.keys() == g_padded.keys()
     for name in g_padded:  # to 1e-5 of each gradient's scale (float rounding is ~1e-7 of it)
