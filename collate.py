@@ -13,8 +13,9 @@ from templates import IGNORE_INDEX
 def collate(samples: list[dict], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad `input_ids` with pad_id and `labels` with -100.
 
-    The attention mask comes from each sample's real length, never from `input_ids != pad_id`:
-    the pad id is often a real token (Qwen pads with <|endoftext|>, or with eos when no pad exists).
+    The attention mask (and token_mask, a real sample's token, which every collator gives) comes from
+    each sample's real length, never from `input_ids != pad_id`: the pad id is often a real token
+    (Qwen pads with <|endoftext|>, or with eos when no pad exists).
     An empty list gives one masked-out dummy row, so a process whose share of a batch is empty
     still runs forward/backward and joins the gradient collectives with a zero contribution.
     """
@@ -31,7 +32,7 @@ def collate(samples: list[dict], pad_id: int, pad_to_multiple_of: int | None = N
         source[row, :n] = s.get("source", -1)
     attention_mask = (torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]).long()
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "real_tokens": torch.tensor(sum(lengths)), **_ids(samples, source)}
+            "token_mask": attention_mask.bool(), "real_tokens": torch.tensor(sum(lengths)), **_ids(samples, source)}
 
 
 def collate_packed(samples: list[dict], pad_id: int, one_row: bool = False,
@@ -56,6 +57,7 @@ def collate_packed(samples: list[dict], pad_id: int, one_row: bool = False,
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     source = torch.full((len(rows), width), -1, dtype=torch.long)
+    token_mask = torch.zeros((len(rows), width), dtype=torch.bool)
     starts = []  # where each sample (and each row's padding) begins in the flattened rows
     for r, row in enumerate(rows):
         at = 0
@@ -68,6 +70,7 @@ def collate_packed(samples: list[dict], pad_id: int, one_row: bool = False,
             position_ids[r, at:at + n] = torch.arange(n)
             source[r, at:at + n] = s.get("source", -1)
             at += n
+        token_mask[r, :at] = True
         if at < width:
             starts.append(r * width + at)
             position_ids[r, at:] = torch.arange(width - at)
@@ -75,7 +78,7 @@ def collate_packed(samples: list[dict], pad_id: int, one_row: bool = False,
     longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())  # an int: the kernel wants it on the host
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
             "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest,
-            "real_tokens": torch.tensor(sum(lengths)), **_ids(samples, source)}
+            "token_mask": token_mask, "real_tokens": torch.tensor(sum(lengths)), **_ids(samples, source)}
 
 
 def pack_rows(lengths: list[int], row_tokens: int | None) -> list[list[int]]:
@@ -131,7 +134,8 @@ def to_device(batch: dict, device) -> dict:
 def _dummy(pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.full((1, 1), pad_id, dtype=torch.long),
             "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),
-            "attention_mask": torch.ones((1, 1), dtype=torch.long), "real_tokens": torch.tensor(0),
+            "attention_mask": torch.ones((1, 1), dtype=torch.long), "token_mask": torch.zeros((1, 1), dtype=torch.bool),
+            "real_tokens": torch.tensor(0),
             "sample_id": torch.zeros((0,), dtype=torch.long), "source": torch.full((1, 1), -1, dtype=torch.long)}
 
 

@@ -29,8 +29,8 @@ from accelerate.utils import set_seed
 
 import batches
 from collate import collate, to_device
-from sftloop import (adapters, checkpoints, evaluation, lm_logits, loading, logs, packing, plot_metrics, preflight, runtime,
-                     sft_data, storage)
+from sftloop import (adapters, checkpoints, evaluation, lm_logits, loading, logs, packing, plot_metrics, preflight, router,
+                     runtime, sft_data, storage)
 from sftloop.args import parse_args
 
 log = logging.getLogger("sft")
@@ -81,14 +81,17 @@ def loss_weights(batch: dict, where: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def batch_loss(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
+def batch_loss(model, batch: dict, chunk_size: int | None = None, router_logits: list | None = None) -> torch.Tensor:
     """The weighted loss of each target token of one micro-batch, in the order of where's True
-    positions (the caller sums and normalises)."""
+    positions (the caller sums and normalises). router_logits (a list): a mixture-of-experts model's
+    router logits from the same forward are added to it, for its balancing loss."""
     where = lm_logits.target_positions(batch["labels"])
     if chunk_size:  # the LM head a chunk at a time: [tokens x vocab] logits never exist at once
-        losses = lm_logits.chunk_by_chunk(model, runtime.unwrapped(model), batch, where, chunk_size, token_loss)
+        losses = lm_logits.chunk_by_chunk(model, runtime.unwrapped(model), batch, where, chunk_size, token_loss,
+                                          router_logits)
     else:
-        losses = token_loss(lm_logits.all_at_once(model, batch, where), lm_logits.targets_at(batch["labels"], where))
+        losses = token_loss(lm_logits.all_at_once(model, batch, where, router_logits),
+                            lm_logits.targets_at(batch["labels"], where))
     weights = loss_weights(batch, where)
     return losses if weights is None else losses * weights
 
@@ -138,36 +141,49 @@ class StepResult:
     skipped: str | None = None
 
 
-def train_step(model, optimizer, micro_batches: list[dict], accelerator, args, loss_fn, num_sources: int = 1) -> StepResult:
+def train_step(model, optimizer, micro_batches: list[dict], accelerator, args, loss_fn, num_sources: int = 1,
+               moe: router.Router | None = None) -> StepResult:
     """One optimizer step over this process's micro-batches; the weights are left as they were when a
     loss or the gradient norm is not finite (under DeepSpeed, which updates inside backward, a
     non-finite gradient norm is found only after the update: the loop then stops without saving).
-    The step waits for the host once, at its end (twice under DeepSpeed)."""
+    For a mixture-of-experts model (moe) its router's balancing loss is added, balanced over the
+    step's global batch. The step waits for the host once, at its end (twice under DeepSpeed)."""
     world, accumulation = accelerator.num_processes, args.gradient_accumulation_steps
     # Normalise by the target tokens of the whole optimizer step, over all micro-batches and
     # processes, so the gradient is that of one big batch however it is split. accelerate (or
     # DeepSpeed) divides by the accumulation steps and DDP/DeepSpeed average over processes;
     # multiplying by both undoes that. Counted and summed on the device: no wait for the host.
+    # (The router's balancing loss is normalised by the step's real tokens, summed with them.)
     targets = sum(lm_logits.num_targets(b["labels"]) for b in micro_batches).double()
-    scale = (world * accumulation / accelerator.reduce(targets.clone(), "sum").clamp(min=1)).float()
+    tokens = sum(b["token_mask"].sum() for b in micro_batches).double()
+    step_targets, step_tokens = runtime.summed(accelerator, torch.stack([targets, tokens]))
+    scale = (world * accumulation / step_targets.clamp(min=1)).float()
+    balance = router.Balance(moe, accelerator, step_tokens) if moe else None
     loss_sum, token_losses = torch.zeros((), device=accelerator.device), []
 
     def agreed(grad_norm) -> dict:
         """The step's numbers summed over processes, with whether any process saw a non-finite loss
         and whether any got SIGTERM: the one wait for the host."""
+        balancing = balance.loss if balance else 0.0
         return runtime.reduce_sums(accelerator, {
-            **step_sums(loss_sum, micro_batches), "target_tokens": targets, "stop": float(runtime.stop_requested_here()),
-            "nonfinite_loss": (~torch.isfinite(loss_sum)).double(), "grad_norm": grad_norm / world,  # the same on all
+            **step_sums(loss_sum, micro_batches), **(balance.load() if balance else {}), "target_tokens": targets,
+            "stop": float(runtime.stop_requested_here()), "grad_norm": grad_norm / world,  # the same on all
+            "nonfinite_loss": (~torch.isfinite(loss_sum + balancing)).double(),
             **({"by_source": logs.source_sums(token_losses, micro_batches, num_sources)} if num_sources > 1 else {})})
 
     for i, batch in enumerate(micro_batches):
         # accumulate(): DDP skips the gradient all-reduce, and DeepSpeed is told this is not a step
         # boundary, on all but the last micro-batch.
         with accelerator.accumulate(model):
-            losses = loss_fn(model, batch)
+            routed = [] if balance else None
+            losses = loss_fn(model, batch, router_logits=routed)
             micro_loss = losses.sum()
             loss_sum += micro_loss.detach()
             token_losses.append(losses.detach())
+            step_loss = micro_loss * scale
+            if balance:  # normalised over the step already: only the averaging is undone
+                step_loss = step_loss + moe.coef * world * accumulation * balance.micro_batch_loss(routed,
+                                                                                                  batch["token_mask"])
             if i == len(micro_batches) - 1 and runtime.is_deepspeed(accelerator):
                 # DeepSpeed updates the weights inside the last backward: all processes decide before
                 # it whether any of them saw a non-finite loss.
@@ -175,7 +191,7 @@ def train_step(model, optimizer, micro_batches: list[dict], accelerator, args, l
                 if sums.pop("nonfinite_loss") > 0:
                     optimizer.zero_grad(set_to_none=True)
                     return StepResult(sums, [], sums.pop("target_tokens"), sums.pop("grad_norm"), skipped="loss")
-            accelerator.backward(micro_loss * scale)
+            accelerator.backward(step_loss)
     # DeepSpeed clipped inside its step (gradient_clipping); elsewhere this clips, before the step.
     norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
@@ -251,7 +267,7 @@ def train(model_args, data_args, args) -> None:
             group["lr"] = lr
         micro_batches = [to_device(b, accelerator.device) for b in micro_batches]
         runtime.phase(f"step {step + 1}")
-        result = train_step(model, optimizer, micro_batches, accelerator, args, run.loss_fn, len(train_set.names))
+        result = train_step(model, optimizer, micro_batches, accelerator, args, run.loss_fn, len(train_set.names), run.moe)
         step += 1
         if result.skipped:
             handle_nonfinite_step(result, step, micro_batches, train_set, args)
@@ -305,6 +321,7 @@ class Run:
     pad_id: int
     attn_implementation: str
     packing_probe: object  # packing.Probe with --packing: packed against unpacked log-probabilities, before step 1
+    moe: router.Router | None  # a mixture-of-experts model's router: its balancing loss and expert load
     flops_per_token: float
     use_peft: bool
     merge_adapter: bool
@@ -337,6 +354,7 @@ def setup(model_args, data_args, args) -> Run:
     loading.set_attention(model, packing.gpu_kernel(model_args.attn_implementation, data_args.packing, accelerator.device))
     if data_args.packing:
         packing.require_layers_apart(model, accelerator.device.type)
+    moe = router.of(model, args.router_aux_loss_coef)
 
     began = time.perf_counter()
     train_set, eval_sets = sft_data.load_splits(model_args, data_args, args.seed, tokenizer, accelerator, cache_shared)
@@ -387,7 +405,7 @@ def setup(model_args, data_args, args) -> Run:
               evaluating=bool(eval_sets) or bool(sample_cases), checkpoint_state=checkpoint_state, data_order=data_order,
               global_batch=global_batch, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
               eval_every=eval_every, pad_id=pad_id, attn_implementation=hf_model.config._attn_implementation or "eager",
-              packing_probe=probed, flops_per_token=flops, use_peft=model_args.use_peft,
+              packing_probe=probed, moe=moe, flops_per_token=flops, use_peft=model_args.use_peft,
               merge_adapter=model_args.merge_adapter, args=args)
     if resume_dir is not None:
         resuming = time.perf_counter()

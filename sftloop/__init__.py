@@ -10,6 +10,7 @@ own batches from batches.py).
     sft_data      records to tokens, cached once per file; the corpus and its mixture plan
     lm_logits     logits at the target positions (whole or chunk by chunk), target counts
     packing       whether packed samples stay apart in a model: refused, or probed before the first step
+    router        a mixture-of-experts model's balancing loss over the global batch, and its experts' load
     evaluation    held-out loss, exact match, sample replies
     generation    a reply from a model (evaluation and chat.py)
     loading       the tokenizer and a pretrained model, fitted to each other

@@ -25,6 +25,10 @@ def check_flags(model_args) -> None:
         except ImportError:
             raise SystemExit("error: --use_peft needs the peft package: pip install peft") from None
     if model_args.load_in_4bit:
+        if model_args.model_name_or_path and _experts_in(model_args):
+            raise SystemExit(f"error: --load_in_4bit: {model_args.model_name_or_path} is a mixture-of-experts model, whose "
+                             "experts transformers keeps as fused 3-D parameters, which bitsandbytes does not quantize: "
+                             "most of the model would stay in 16 bits. Train LoRA on it without --load_in_4bit")
         if not torch.cuda.is_available():
             raise SystemExit("error: --load_in_4bit (QLoRA) needs a CUDA GPU and this machine has none; on a CPU, "
                              "train LoRA in full precision (--use_peft without --load_in_4bit)")
@@ -36,6 +40,18 @@ def check_flags(model_args) -> None:
             raise SystemExit("error: --load_in_4bit quantizes a pretrained model: pass --model_name_or_path")
 
 
+def _experts_in(model_args) -> int:
+    """The expert count the model's config declares (0: not a mixture of experts), before it loads."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError):
+        return 0  # the loading that follows says what is wrong with the path
+    config = config.get_text_config()
+    return max(int(getattr(config, k, None) or 0) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+
+
 def wrap(model, model_args, gradient_checkpointing: bool, base_path: str | None):
     """The model with a fresh LoRA adapter; only the adapter (and --lora_modules_to_save) trains."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -45,30 +61,54 @@ def wrap(model, model_args, gradient_checkpointing: bool, base_path: str | None)
     elif gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed layers need an input that requires grad
     targets = model_args.lora_target_modules
-    config = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-                        target_modules="all-linear" if targets == ["all-linear"] else targets,
+    # A mixture-of-experts model's experts are fused 3-D parameters (transformers 5), not linear layers:
+    # peft reaches them as target_parameters, which all-linear adds by itself (with the router's weight).
+    experts = fused_expert_parameters(model)
+    fused = [t for t in targets if t in experts]
+    modules = "all-linear" if targets == ["all-linear"] else [t for t in targets if t not in fused] or None
+    dropout = model_args.lora_dropout
+    if fused or (experts and modules == "all-linear"):  # peft's wrapper of a parameter takes no dropout
+        if dropout:
+            raise SystemExit(f"error: --lora_dropout {dropout}: LoRA on {type(model).__name__}'s fused expert weights "
+                             f"({', '.join(sorted(experts))}) takes no dropout in peft; pass --lora_dropout 0 (the "
+                             "default for such a model), or name only linear layers in --lora_target_modules")
+        dropout = 0.0
+    config = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
+                        lora_dropout=0.05 if dropout is None else dropout,
+                        target_modules=modules, target_parameters=fused or None,
                         modules_to_save=model_args.lora_modules_to_save, use_dora=model_args.use_dora,
                         use_rslora=model_args.use_rslora, task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
     model.peft_config["default"].base_model_name_or_path = base_path  # where chat.py and the merge find the base
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log.info("LoRA r=%d alpha=%d on %s: %.2fM trainable parameters of %.2fM (%.2f%%)", model_args.lora_r,
-             model_args.lora_alpha, ", ".join(sorted(model.peft_config["default"].target_modules)), trainable / 1e6,
-             total / 1e6, 100 * trainable / total)
+    adapted = model.peft_config["default"]
+    parameters = f"; parameters {', '.join(sorted(adapted.target_parameters))}" if adapted.target_parameters else ""
+    log.info("LoRA r=%d alpha=%d on %s%s: %.2fM trainable parameters of %.2fM (%.2f%%)", model_args.lora_r,
+             model_args.lora_alpha, ", ".join(sorted(adapted.target_modules or [])) or "no linear layer", parameters,
+             trainable / 1e6, total / 1e6, 100 * trainable / total)
     return model
 
 
+def fused_expert_parameters(model) -> set[str]:
+    """The names of a mixture-of-experts model's fused expert weights (3-D parameters, one slice per
+    expert, such as gate_up_proj and down_proj), which LoRA reaches as parameters, not modules."""
+    # (under ZeRO-3 a parameter may already be partitioned: DeepSpeed keeps its shape in ds_shape)
+    return {name.rsplit(".", 1)[-1] for name, p in model.named_parameters() if len(getattr(p, "ds_shape", p.shape)) == 3}
+
+
 def check_targets(model, model_args) -> None:
-    """Every module the LoRA flags name exists in the model (else: say which ones do)."""
-    targets = model_args.lora_target_modules
+    """Every module (or fused expert weight) the LoRA flags name exists in the model (else: say which
+    ones do)."""
+    targets, experts = model_args.lora_target_modules, fused_expert_parameters(model)
     named = [name for name, _ in model.named_modules() if name]
     for wanted in (targets if targets != ["all-linear"] else []) + (model_args.lora_modules_to_save or []):
-        if not any(n == wanted or n.endswith("." + wanted) for n in named):
+        if not any(n == wanted or n.endswith("." + wanted) for n in named) and not (wanted in targets and wanted in experts):
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            also = f", its fused expert weights {', '.join(sorted(experts))}" if experts else ""
             flag = "--lora_target_modules" if wanted in targets else "--lora_modules_to_save"
             raise SystemExit(f"error: {flag} names {wanted!r}, which {type(model).__name__} does not have; its linear "
-                             f"layers are {', '.join(linear)} (or pass all-linear)")
+                             f"layers are {', '.join(linear)}{also} (or pass all-linear)")
 
 
 def is_adapter(model) -> bool:

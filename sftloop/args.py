@@ -43,7 +43,9 @@ class ModelArguments:
     use_peft: bool = field(default=False, metadata={"group": LORA, "help": "train a LoRA adapter instead of all the weights"})
     lora_r: int = field(default=16, metadata={"group": LORA, "help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"group": LORA, "help": "LoRA scaling numerator (scale = alpha / r)"})
-    lora_dropout: float = field(default=0.05, metadata={"group": LORA, "help": "dropout on the LoRA input"})
+    lora_dropout: float | None = field(default=None, metadata={"group": LORA,
+        "help": "dropout on the LoRA input (default: 0.05; 0 where LoRA reaches a mixture-of-experts model's fused "
+                "expert weights, which peft adapts without dropout)"})
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"group": LORA, 
         "help": "module names to adapt (e.g. q_proj v_proj), or all-linear (every linear layer but the LM head)"})
     lora_modules_to_save: list[str] | None = field(default=None, metadata={"group": LORA, 
@@ -126,6 +128,9 @@ class TrainArguments:
     # forms its copying circuit in markedly fewer steps than with transformers' 0.999).
     adam_beta2: float = field(default=0.95, metadata={"group": TRAINING, "help": "AdamW beta2 (transformers uses 0.999)"})
     adam_epsilon: float = field(default=1e-8, metadata={"group": TRAINING, "help": "AdamW epsilon"})
+    router_aux_loss_coef: float | None = field(default=None, metadata={"group": TRAINING,
+        "help": "the weight of a mixture-of-experts model's router balancing loss, balanced over the global batch "
+                "(default: the model config's router_aux_loss_coef; 0 turns it off, the experts' load is still logged)"})
     max_grad_norm: float = field(default=1.0, metadata={"group": TRAINING, "help": "clip the global gradient norm; 0 turns it off"})
     lr_scheduler_type: Literal["linear", "cosine", "constant"] = field(default="cosine", metadata={"group": TRAINING, 
         "help": "linear | cosine | constant, after the warmup"})

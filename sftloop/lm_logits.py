@@ -13,7 +13,7 @@ import inspect
 import logging
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import MoeModelOutputWithPast
 
 from collate import collate, to_device
 from sftloop import runtime
@@ -44,27 +44,41 @@ def targets_at(labels: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:][where[:, :-1]]
 
 
-def model_inputs(batch: dict) -> dict:
+def model_inputs(batch: dict, router_logits: list | None = None) -> dict:
     # No cache: training never needs one, and with a cache transformers does not look for packed
     # samples in the position_ids (their masks would then span the whole row).
-    return {**{k: batch[k] for k in MODEL_INPUTS if k in batch}, "use_cache": False}
+    asked = {"output_router_logits": True} if router_logits is not None else {}
+    return {**{k: batch[k] for k in MODEL_INPUTS if k in batch}, "use_cache": False, **asked}
 
 
-def all_at_once(model, batch: dict, where: torch.Tensor) -> torch.Tensor:
+def _routed(out, router_logits: list | None):
+    """The model's output, its router logits (when asked for) added to router_logits."""
+    if router_logits is not None:
+        router_logits.extend(out.router_logits)
+    return out
+
+
+def all_at_once(model, batch: dict, where: torch.Tensor, router_logits: list | None = None) -> torch.Tensor:
     """[targets, vocab]: transformers' logits_to_keep with a boolean mask applies the LM head (and
-    what follows it) to the target positions only, so no logits exist for prompts or padding."""
+    what follows it) to the target positions only, so no logits exist for prompts or padding.
+    router_logits (a list): a mixture-of-experts model's router logits, one [tokens, experts] tensor
+    per MoE layer, are added to it."""
     if "logits_to_keep" in inspect.signature(_forward_of(model)).parameters:
-        return model(**model_inputs(batch), logits_to_keep=where).logits
-    return model(**model_inputs(batch)).logits[where]  # a model without logits_to_keep
+        out = model(**model_inputs(batch, router_logits), logits_to_keep=where)
+        return _routed(out, router_logits).logits
+    return _routed(model(**model_inputs(batch, router_logits)), router_logits).logits[where]  # no logits_to_keep
 
 
-def chunk_by_chunk(model, head_model, batch: dict, where: torch.Tensor, chunk_size: int, loss_fn) -> torch.Tensor:
+def chunk_by_chunk(model, head_model, batch: dict, where: torch.Tensor, chunk_size: int, loss_fn,
+                   router_logits: list | None = None) -> torch.Tensor:
     """loss_fn(logits, targets) per target token, computing the logits chunk_size tokens at a time:
     only one chunk of logits exists at once, in forward and (recomputed) in backward.
 
-    `model` is what the loop calls (the DDP/DeepSpeed wrapper); `head_model` is the HF model inside it."""
+    `model` is what the loop calls (the DDP/DeepSpeed wrapper); `head_model` is the HF model inside it;
+    router_logits as in all_at_once."""
     # The model's forward once, asking for no logits at all: its final hidden states only.
-    out = model(**model_inputs(batch), logits_to_keep=torch.zeros_like(where), output_hidden_states=True)
+    out = _routed(model(**model_inputs(batch, router_logits), logits_to_keep=torch.zeros_like(where),
+                        output_hidden_states=True), router_logits)
     hidden = out.hidden_states[-1][where]  # the last entry is the final-normed state the head reads
     targets = targets_at(batch["labels"], where)
     if targets.numel() == 0:  # the empty logits keep the LM head in the graph (DDP expects every gradient)
@@ -86,7 +100,8 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     plain forward (checked against one by `keeps_the_models_logits`)."""
     decoder = model.get_decoder()
     own = decoder.__dict__.get("forward")  # an instance-level forward (a hook's wrapper) to put back
-    decoder.forward = lambda *a, **k: BaseModelOutputWithPast(last_hidden_state=hidden[None])
+    # (the MoE output type: what a dense model reads of its decoder's output, and router_logits too)
+    decoder.forward = lambda *a, **k: MoeModelOutputWithPast(last_hidden_state=hidden[None])
     try:
         dummy = torch.zeros((1, hidden.shape[0]), dtype=torch.long, device=hidden.device)
         return model(input_ids=dummy, use_cache=False).logits[0]

@@ -68,11 +68,13 @@ class StepReport:
         dt, self.clock = now - self.clock, now
         loss = summed["loss_sum"] / max(1.0, result.target_tokens) if result.skipped is None else None
         self.bar.update(1)
+        balancing = summed.get("router_aux_loss")  # a mixture-of-experts model's router
         if loss is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{result.grad_norm:.2f}",
-                                 tok_s=f"{summed['real_tokens'] / dt:.0f}")
+                                 tok_s=f"{summed['real_tokens'] / dt:.0f}",
+                                 **({"router": f"{balancing:.3f}"} if balancing is not None else {}))
         if self.progress is not None:
-            self.progress.step(step, loss, lr, summed["real_tokens"] / dt)
+            self.progress.step(step, loss, lr, summed["real_tokens"] / dt, balancing)
         if self.args.log_sample_ids:
             ids = runtime.gathered_sample_ids(micro_batches)
             if self.accelerator.is_main_process:
@@ -124,12 +126,14 @@ class Progress:
     def __init__(self, total: int, start: int, every: int):
         self.total, self.start, self.every, self.began = total, start, every, time.perf_counter()
 
-    def step(self, step: int, loss: float | None, lr: float, tokens_per_s: float) -> None:
+    def step(self, step: int, loss: float | None, lr: float, tokens_per_s: float, balancing: float | None = None) -> None:
         if step % self.every and step != self.total:
             return
         elapsed = time.perf_counter() - self.began
         left = elapsed / max(1, step - self.start) * (self.total - step)
         loss_text = f"loss {loss:.4f}" if loss is not None else "step skipped"
+        if loss is not None and balancing is not None:
+            loss_text += f", router_aux_loss {balancing:.4f}"
         logging.getLogger("sft").info("step %d/%d (%.0f%%): %s, lr %.2e, %.0f tokens/s, %s elapsed, %s left", step,
                                       self.total, 100 * step / self.total, loss_text, lr, tokens_per_s,
                                       _duration(elapsed), _duration(left))

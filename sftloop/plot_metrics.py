@@ -1,5 +1,6 @@
-"""Draw a run's losses (whole, per training source, per validation set), its learning rate and
-its held-out exact match, from its metrics.jsonl.
+"""Draw a run's losses (whole, per training source, per validation set), its learning rate, its
+held-out exact match and, for a mixture-of-experts model, its router's balancing loss and expert
+load, from its metrics.jsonl.
 
     python -m sftloop.plot_metrics output/            # writes output/metrics.png
 """
@@ -25,8 +26,10 @@ def plot(run_dir) -> Path:
     sources = [k for k in keys if k.startswith("train/") and k.endswith("/loss")]
     sets = [k for k in keys if k.startswith("eval/") and k.endswith("/loss")]
     matches = ["eval_exact_match"] * ("eval_exact_match" in keys) + [k for k in keys if k.endswith("/exact_match")]
-    fig, axes = plt.subplots(2 if matches else 1, 1, figsize=(8, 7 if matches else 4.5), sharex=True, squeeze=False,
-                             gridspec_kw={"height_ratios": [2, 1]} if matches else None)
+    routed = "router_aux_loss" in keys
+    panels = 1 + bool(matches) + routed
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 4.5 + 2.5 * (panels - 1)), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [2] + [1] * (panels - 1)})
     loss_ax = axes[0][0]
     if series(rows, "loss"):
         loss_ax.plot(*zip(*series(rows, "loss")), label="train loss", lw=1)
@@ -52,6 +55,17 @@ def plot(run_dir) -> Path:
         em_ax.set_ylabel("exact match (%)")
         em_ax.set_ylim(-2, 102)
         em_ax.legend(loc="lower right", fontsize="small")
+    if routed:  # the balancing loss (top_k when perfectly balanced), and the busiest and idlest expert's share
+        router_ax = axes[-1][0]
+        router_ax.plot(*zip(*series(rows, "router_aux_loss")), lw=1, label="router balancing loss")
+        router_ax.set_ylabel("balancing loss")
+        share_ax = router_ax.twinx()
+        for k, style, label in (("expert_share_max", "-", "busiest expert's share"),
+                                ("expert_share_min", "--", "idlest expert's share")):
+            share_ax.plot(*zip(*series(rows, k)), ls=style, color="tab:red", lw=0.8, label=label)
+        share_ax.set_ylabel("share of a layer's selections")
+        handles = router_ax.get_legend_handles_labels()[0] + share_ax.get_legend_handles_labels()[0]
+        router_ax.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize="small")
     axes[-1][0].set_xlabel("optimizer step")
     fig.tight_layout()
     out = run_dir / "metrics.png"

@@ -364,7 +364,8 @@ def memory_section(report: Report, run, model_args, data_args, args, train_step,
 
     _start_peak(device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        train_step(run.model, run.optimizer, [worst] * args.gradient_accumulation_steps, acc, args, run.loss_fn)
+        train_step(run.model, run.optimizer, [worst] * args.gradient_accumulation_steps, acc, args, run.loss_fn,
+                   moe=run.moe)
     peak = _peak(device)
     if device.type == "cuda":
         budget, what = torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_name(device)
@@ -429,13 +430,14 @@ def time_section(report: Report, run, data_args, args, train_step, trial, setup_
     acc, device = run.accelerator, run.accelerator.device
     # --check_steps steps, and more while they last under 3 s (a fast step is noisy), all processes
     # stopping together; reading and collating the batches counts, as in the loop.
-    tokens, timed, began = 0, 0, time.perf_counter()
+    tokens, timed, began, steps = 0, 0, time.perf_counter(), []
     for _, micro_batches in batches.steps(run.train_set, args, data_args, acc.process_index, acc.num_processes,
                                           run.pad_id, 0, min(max(args.check_steps, 100), run.total_steps),
                                           run.attn_implementation):
         micro_batches = [to_device(b, device) for b in micro_batches]
-        result = train_step(run.model, run.optimizer, micro_batches, acc, args, run.loss_fn)
+        result = train_step(run.model, run.optimizer, micro_batches, acc, args, run.loss_fn, moe=run.moe)
         tokens, timed, targets = tokens + sum(b["input_ids"].numel() for b in micro_batches), timed + 1, result.target_tokens
+        steps.append(result.sums)
         if timed >= args.check_steps and runtime.reduce_sums(acc, {"late": float(time.perf_counter() - began > 3)})["late"]:
             break
     if device.type == "cuda":
@@ -458,11 +460,31 @@ def time_section(report: Report, run, data_args, args, train_step, trial, setup_
     report.numbers.update(step_seconds=seconds / timed, timed_steps=timed,
                           tokens_per_s=tokens / max(seconds, 1e-9), eta_seconds=round(total, 1),
                           train_seconds=round(train_s, 1), eval_seconds=round(eval_s, 1), setup_seconds=round(setup_s, 1))
+    if run.moe:
+        router_finding(report, run, steps)
     report.add("fact", "time", f"{run.total_steps} steps: ~{_duration(train_s)} at {tokens / max(seconds, 1e-9):,.0f} "
                f"tokens/s ({seconds / timed:.2f} s a step over {timed} steps, "
                f"{targets:.0f} trained tokens in the last timed one); {evals} evaluations ~{_duration(eval_s)}; "
                f"{saved}; set-up {setup_s:.0f} s: "
                f"the run takes ~{_duration(total)}")
+
+
+def router_finding(report: Report, run, steps: list[dict]) -> None:
+    """A mixture-of-experts model's router over the timed steps: its balancing loss and the busiest and
+    idlest expert's share of a layer's selections; a router that sends a layer's tokens to few
+    experts (the busiest at 4x its even share or more, or an expert with none) is a warning."""
+    moe = run.moe
+    busiest, idlest = max(s["expert_share_max"] for s in steps), min(s["expert_share_min"] for s in steps)
+    balancing = [s["router_aux_loss"] for s in steps]
+    report.numbers.update(router_aux_loss=balancing, expert_share_max=busiest, expert_share_min=idlest)
+    said = (f"router ({moe.experts} experts, top {moe.top_k}, balancing loss x {moe.coef:g}): over {len(steps)} steps "
+            f"the busiest expert took {busiest:.1%} of a layer's selections, the idlest {idlest:.1%} (even: "
+            f"{1 / moe.experts:.1%}); balancing loss {balancing[0]:.3f} -> {balancing[-1]:.3f} ({moe.top_k} when even)")
+    if busiest >= 4 / moe.experts or idlest == 0:
+        report.add("warning", "loss", f"{said}: the router sends a layer's tokens to few experts",
+                   "keep the balancing loss on (--router_aux_loss_coef, default the model's own), or raise it")
+    else:
+        report.add("fact", "loss", said)
 
 
 def measure_evaluation(run, data_args, trial) -> tuple[float, float]:

@@ -156,16 +156,23 @@ def unwrapped(model):
     return model
 
 
+def summed(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor summed over all processes, left on the device (no wait for the host): for sums a
+    step needs before its end (the target tokens, a router's expert counts); reduce_sums brings the
+    step's numbers to the host once."""
+    return accelerator.reduce(tensor, "sum")
+
+
 def reduce_sums(accelerator: Accelerator, numbers: dict) -> dict:
     """Each number, or tensor of numbers, summed over all processes in one collective (every process
     must call it with the same names and shapes): numbers come back as floats, tensors as CPU tensors.
     The one reduction helper: every cross-process sum of the loop goes through it."""
     # float64 on the way (gloo and NCCL both take it), so token counts stay exact past 2^24
     parts = [torch.as_tensor(v, dtype=torch.float64).to(accelerator.device) for v in numbers.values()]
-    summed = accelerator.reduce(torch.cat([p.reshape(-1) for p in parts]), "sum").cpu()
+    total = summed(accelerator, torch.cat([p.reshape(-1) for p in parts])).cpu()
     out, at = {}, 0
     for name, part in zip(numbers, parts):
-        piece, at = summed[at:at + part.numel()], at + part.numel()
+        piece, at = total[at:at + part.numel()], at + part.numel()
         out[name] = piece.item() if part.dim() == 0 else piece.reshape(part.shape)
     return out
 

@@ -87,6 +87,34 @@ def train(args, cache, check=True, env_extra=None, subprocess_=False, **kw):
     return p
 
 
+TINY_TOKENIZER = REPO / "assets" / "tiny-qwen-tokenizer"
+
+
+def random_samples(lengths, seed=1, vocab=256):
+    """Samples of random token ids of these lengths: the first 4 tokens a prompt (label -100), the rest trained."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * min(n, 4) + ids[4:]})
+    return out
+
+
+def tiny_model_dir(tmp_path, build, name="model"):
+    """A tiny random model, build(), saved as a model directory with the tiny tokenizer's vocabulary
+    (744 tokens: embeddings of 768) and its special tokens, for --model_name_or_path."""
+    import torch
+
+    torch.manual_seed(0)
+    model = build()
+    model.resize_token_embeddings(768)
+    model.config.eos_token_id, model.config.pad_token_id, model.config.bos_token_id = 724, 722, None
+    model.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
 def launch(config, args, cache, launcher_flags=(), script="train_loop.py", **kw):
     return run_cmd([sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"configs/{config}",
                     *launcher_flags, str(script), *quick(args)], cache, **kw)

@@ -11,7 +11,8 @@ def test_pads_to_longest_with_ignored_labels():
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b["labels"].tolist() == [[-100, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert all(t.dtype == torch.long for t in b.values())
+    assert all(t.dtype == torch.long for k, t in b.items() if k != "token_mask")
+    assert b["token_mask"].tolist() == [[True, True, True], [True, False, False]]  # a real token: what a router counts
 
 
 def test_pad_id_that_is_also_a_real_token_stays_attended():

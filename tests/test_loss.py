@@ -32,6 +32,9 @@ def small(kind, seed=0):
         return transformers.CohereForCausalLM(transformers.CohereConfig(**common, logit_scale=0.125))
     if kind == "granite":  # logits_scaling: logits divided after the head
         return transformers.GraniteForCausalLM(transformers.GraniteConfig(**common, logits_scaling=8.0))
+    if kind == "qwen3-moe":  # a mixture of experts: fused experts and a router in every layer
+        return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**common, num_experts=8, num_experts_per_tok=2,
+                                                                            moe_intermediate_size=32))
     raise ValueError(kind)
 
 
@@ -63,7 +66,8 @@ def assert_same(a, b):
         torch.testing.assert_close(g_b[k], g_a[k], rtol=1e-4, atol=1e-6 * g_a[k].abs().max().item())
 
 
-@pytest.mark.parametrize("kind", ["llama", *(pytest.param(k, marks=pytest.mark.slow) for k in ("gemma2", "cohere", "granite"))])
+@pytest.mark.parametrize("kind", ["llama", *(pytest.param(k, marks=pytest.mark.slow)
+                                              for k in ("gemma2", "cohere", "granite", "qwen3-moe"))])
 def test_chunked_loss_and_gradients_equal_the_plain_ones(kind, batch):
     plain = loss_and_grads(kind, batch, None)
     assert plain[0].item() == pytest.approx(reference_loss(kind, batch).item(), rel=1e-5)

@@ -14,7 +14,7 @@ import transformers as T
 
 import train_loop
 from collate import collate, collate_packed, pack_rows, packs_into_one_row
-from helpers import REPO, max_diff, train, weights
+from helpers import TINY_TOKENIZER, max_diff, random_samples, tiny_model_dir, train, weights
 from sftloop import packing
 
 WINDOW = 8  # sliding window and attention chunk, in tokens: every sample below is longer
@@ -62,13 +62,7 @@ def model_of(build, attn="sdpa"):
 
 
 def samples(lengths=(40, 30, 13, 3), seed=1):
-    """Random token ids; the first 4 tokens of each are a prompt (label -100), the rest trained."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(0, 256, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * min(n, 4) + ids[4:]})
-    return out
+    return random_samples(lengths, seed)
 
 
 def next_token_log_probs(model, batch):
@@ -152,18 +146,7 @@ def test_the_probe_tolerates_bf16_rounding_but_not_a_leak(smollm2_dir, monkeypat
     assert probed.leaks and probed.max_diff > 1.0
 
 
-def tiny_model_dir(tmp_path, build):
-    """A tiny random model of the architecture, saved with the tiny tokenizer's vocabulary (744 tokens)."""
-    torch.manual_seed(0)
-    model = build()
-    model.resize_token_embeddings(768)
-    model.config.eos_token_id, model.config.pad_token_id, model.config.bos_token_id = 724, 722, None
-    model.save_pretrained(tmp_path / "model")
-    return tmp_path / "model"
-
-
-TINY = ["--tokenizer_name_or_path", REPO / "assets" / "tiny-qwen-tokenizer", "--max_len", 128, "--eval_steps", 0,
-        "--max_eval_generations", 0]
+TINY = ["--tokenizer_name_or_path", TINY_TOKENIZER, "--max_len", 128, "--eval_steps", 0, "--max_eval_generations", 0]
 
 
 def test_the_loop_trains_gemma3_packed_as_unpacked(tmp_path, sft_cache):
