@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 # The files that take longest, longest first (about 290 to 40 s each under -n 2). Two workers take
 # files in collection order as they free up: long ones first and short ones last end both together
 # (in alphabetical order one worker finished 50 s before the other).
-LONGEST_FIRST = ["test_multinode.py", "test_lora.py", "test_eval.py", "test_bench.py", "test_engines.py",
-                 "test_robustness.py", "test_exactness.py", "test_check.py", "test_mixtures.py", "test_recipes.py",
-                 "test_train.py", "test_loss.py", "test_tools.py"]
+LONGEST_FIRST = ["test_multinode.py", "test_lora.py", "test_eval.py", "test_bench.py", "test_engines.py", "test_moe.py",
+                 "test_robustness.py", "test_exactness.py", "test_check.py", "test_mixtures.py", "test_packing.py",
+                 "test_recipes.py", "test_train.py", "test_loss.py", "test_tools.py"]
 
 
 def pytest_collection_modifyitems(items):
