@@ -181,9 +181,10 @@ def train_step(model, optimizer, micro_batches: list[dict], accelerator, args, l
             loss_sum += micro_loss.detach()
             token_losses.append(losses.detach())
             step_loss = micro_loss * scale
-            if balance:  # normalised over the step already: only the averaging is undone
-                step_loss = step_loss + moe.coef * world * accumulation * balance.micro_batch_loss(routed,
-                                                                                                  batch["token_mask"])
+            if balance:  # counted and logged even at weight 0
+                balancing = balance.micro_batch_loss(routed, batch["token_mask"])
+                if moe.coef:  # normalised over the step already: only the averaging is undone
+                    step_loss = step_loss + moe.coef * world * accumulation * balancing
             if i == len(micro_batches) - 1 and runtime.is_deepspeed(accelerator):
                 # DeepSpeed updates the weights inside the last backward: all processes decide before
                 # it whether any of them saw a non-finite loss.
