@@ -22,7 +22,7 @@ def collate(samples: list[dict], pad_id: int, pad_to_multiple_of: int | None = N
     if not samples:
         return _dummy(pad_id)
     lengths = [len(s["input_ids"]) for s in samples]
-    _, width = micro_batch_shape(lengths, False, None, pad_to_multiple_of)
+    _, width = micro_batch_shape(lengths, False, False, pad_to_multiple_of)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
     source = torch.full((len(samples), width), -1, dtype=torch.long)

@@ -383,10 +383,9 @@ def setup(model_args, data_args, args) -> Run:
                                  sft_data.first_samples(train_set, 1)[0], pad_id)
     loss_fn = partial(batch_loss, chunk_size=chunk)
     probed = None
-    if data_args.packing:  # the model run on the first samples of the run, packed and not
-        first = batches.epoch_rows(train_set, args.seed, 0, global_batch, data_args.group_by_length)
-        probed = packing.require_samples_apart(model, sft_data.samples_at(train_set, first[:packing.PROBE_SAMPLES].tolist()),
-                                               pad_id, accelerator.device)
+    if data_args.packing:  # the model run on the first training samples, packed and not
+        probed = packing.require_samples_apart(model, sft_data.first_samples(train_set, packing.PROBE_SAMPLES), pad_id,
+                                               accelerator.device)
 
     def data_order(epoch: int) -> str:
         return batches.order_fingerprint(train_set, args.seed, epoch, global_batch, data_args.group_by_length,

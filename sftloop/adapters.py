@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from sftloop import router
 from sftloop.common import first_line
 
 log = logging.getLogger("sft")
@@ -48,8 +49,7 @@ def _experts_in(model_args) -> int:
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError):
         return 0  # the loading that follows says what is wrong with the path
-    config = config.get_text_config()
-    return max(int(getattr(config, k, None) or 0) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+    return router.expert_count(config)
 
 
 def wrap(model, model_args, gradient_checkpointing: bool, base_path: str | None):

@@ -130,11 +130,12 @@ def probe(model, samples: list[dict], pad_id: int, device) -> Probe:
     hf.eval()
     try:
         lp_padded, dtype = _log_probs(hf, padded)
+        dtype_name = str(dtype).split(".")[-1]
         try:
             lp_packed, _ = _log_probs(hf, packed)
         except (ValueError, RuntimeError, NotImplementedError) as e:  # e.g. a linear-attention layer without its kernels
-            return Probe(float("inf"), 0.0, 0.0, len(samples), sum(len(s["input_ids"]) for s in samples),
-                         str(dtype).split(".")[-1], error=first_line(e, 300))
+            return Probe(float("inf"), 0.0, 0.0, len(samples), sum(len(s["input_ids"]) for s in samples), dtype_name,
+                         error=first_line(e, 300))
         diffs, at = [], 0
         for k, s in enumerate(samples):
             n = len(s["input_ids"])
@@ -142,7 +143,7 @@ def probe(model, samples: list[dict], pad_id: int, device) -> Probe:
             at += n
         # fp32 rounding moves a log-probability by ~1e-6 here, 16-bit by ~0.1 (SmolLM2-135M, docs/training.md)
         floor = 2e-5 if dtype == torch.float32 else 5e-2
-        result = Probe(max(diffs[1:]), diffs[0], max(floor, 4 * diffs[0]), len(samples), at, str(dtype).split(".")[-1])
+        result = Probe(max(diffs[1:]), diffs[0], max(floor, 4 * diffs[0]), len(samples), at, dtype_name)
         if result.leaks:
             result.layer = _first_differing_layer(hf, packed, padded, [len(s["input_ids"]) for s in samples], floor)
     finally:

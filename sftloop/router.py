@@ -31,13 +31,18 @@ class Router:
     coef: float  # the loss's weight in the step's loss; 0: its load is still logged
 
 
+def expert_count(config) -> int:
+    """The experts of each MoE layer, as the (text) config names them; 0 for a dense model."""
+    config = config.get_text_config()
+    return max(int(getattr(config, k, None) or 0) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+
+
 def of(model, coef: float | None) -> Router | None:
     """The model's router, from its config (router_aux_loss_coef unless --router_aux_loss_coef says),
     or None for a model without one (its balancing loss asked for: a one-line error)."""
     config = runtime.unwrapped(model).config.get_text_config()
     own = getattr(config, "router_aux_loss_coef", None)
-    experts = next((getattr(config, k) for k in ("num_experts", "num_local_experts", "n_routed_experts")
-                    if getattr(config, k, None)), None)
+    experts = expert_count(config)
     top_k = getattr(config, "num_experts_per_tok", None)
     name = type(runtime.unwrapped(model)).__name__
     if own is None or not hasattr(config, "output_router_logits"):
@@ -48,7 +53,7 @@ def of(model, coef: float | None) -> Router | None:
     if not experts or not top_k:
         raise SystemExit(f"error: {name}'s config names no expert count (num_experts, num_local_experts) or top-k "
                          "(num_experts_per_tok): its router's balancing loss cannot be computed")
-    return Router(int(experts), int(top_k), float(own if coef is None else coef))
+    return Router(experts, int(top_k), float(own if coef is None else coef))
 
 
 class Balance:
